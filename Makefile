@@ -1,0 +1,33 @@
+# The two commands that set up a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv protos lint typecheck unit bench clean
+
+$(VENV)/.installed-dev: requirements/constraints.txt requirements/runtime.txt requirements/dev.txt pyproject.toml scripts/install.sh
+	scripts/install.sh $(VENV) dev
+
+venv: $(VENV)/.installed-dev
+
+## demo: the embedded end-to-end job (coordinator + silo agents as processes, mTLS, loopback)
+demo: venv
+	$(PY) -m gptfl.cli.main demo
+
+## test: lint, type check and the whole test suite (pytest exit 5, "no tests ran", fails)
+test: venv lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: venv
+	$(PY) -m mypy
+
+## protos: regenerate gptfl/proto from proto/ with the pinned grpcio-tools
+protos: venv
+	$(PY) scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,124 @@
+"""Loading typed configs from YAML with environment overrides and one-line errors.
+
+Every service has one pydantic model for its config (``extra="forbid"``, so a misspelt key is
+an error, not a silent default). :func:`load_config` reads a YAML file, applies environment
+overrides and validates; any problem becomes a :class:`~gptfl.errors.ConfigError` whose
+message is one line naming the file and the key, e.g.::
+
+    silo.yaml: training.batch_size: Input should be greater than 0 (got -3)
+
+Environment overrides use a prefix and ``__`` between nested keys, values parsed as YAML:
+``GPTFL_SILO__TRAINING__BATCH_SIZE=64`` sets ``training.batch_size``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydantic
+import yaml
+
+from gptfl.errors import ConfigError
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+
+class StrictModel(pydantic.BaseModel):
+    """Base for config models: unknown keys are errors and instances are immutable."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+def format_validation_error(error: pydantic.ValidationError, *, source: str) -> str:
+    """Turns pydantic's multi-line report into one line naming the first bad key."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        detail = "unknown key"
+    elif first["type"] == "missing":
+        detail = "required key is missing"
+    else:
+        detail = f"{first['msg']} (got {first.get('input')!r})"
+    more = len(error.errors()) - 1
+    suffix = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {key}: {detail}{suffix}"
+
+
+def parse_config(model: type[M], data: Any, *, source: str) -> M:
+    """Validates already-parsed data (a dict) against ``model``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(dict(data))
+    except pydantic.ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source=source)) from None
+
+
+def parse_yaml_text(text: str, *, source: str) -> Any:
+    """Parses YAML, turning syntax errors into a one-line :class:`ConfigError`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}:{where}: invalid YAML: {problem}") from None
+
+
+def apply_env_overrides(
+    data: dict[str, Any], *, prefix: str, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Returns a copy of ``data`` with ``PREFIX__A__B=value`` variables applied as ``a.b``."""
+    environ = os.environ if environ is None else environ
+    result: dict[str, Any] = _deep_copy(data)
+    marker = prefix + "__"
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(marker):
+            continue
+        path = [part.lower() for part in name[len(marker) :].split("__") if part]
+        if not path:
+            continue
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = parse_yaml_text(raw, source=f"${name}")
+    return result
+
+
+def load_config(model: type[M], path: str | Path, *, env_prefix: str | None = None) -> M:
+    """Reads ``path`` (YAML), applies ``env_prefix`` overrides and validates against ``model``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    data = parse_yaml_text(text, source=path.name) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: expected a mapping at the top level")
+    if env_prefix:
+        data = apply_env_overrides(data, prefix=env_prefix)
+    config = parse_config(model, data, source=path.name)
+    return _resolve_paths(config, base=path.resolve().parent)
+
+
+def _resolve_paths(config: M, *, base: Path) -> M:
+    """Makes relative ``Path`` fields absolute against the config file's folder."""
+    hook = getattr(config, "resolve_paths", None)
+    if callable(hook):
+        resolved = hook(base)
+        assert isinstance(resolved, type(config))
+        return resolved
+    return config
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}

@@ -1,0 +1,126 @@
+"""The one exception hierarchy of GPT-FL.
+
+Every error a peer can cause carries the gRPC status code it maps to, so servicers translate
+domain errors to statuses in one place (:func:`grpc_status_of`) and clients show the same
+precise message a server produced. CLIs turn :class:`GptflError` into a one-line message
+and the exit code in :data:`EXIT_CODES`.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class GptflError(Exception):
+    """Base of every GPT-FL error."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    #: short, stable, low-cardinality label used in metrics (e.g. rejected updates by reason)
+    reason: str = "internal"
+
+
+class ConfigError(GptflError):
+    """A config file or job spec is malformed, has an unknown key, or a bad value."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "bad_config"
+
+
+class ValidationError(GptflError):
+    """A message from a peer is malformed (wrong names, shapes, dtypes, values)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "invalid"
+
+
+class ManifestMismatchError(ValidationError):
+    """Tensor names, shapes or dtypes differ from what the receiver expects."""
+
+    reason = "manifest_mismatch"
+
+
+class NonFiniteError(ValidationError):
+    """A tensor holds NaN or infinity."""
+
+    reason = "non_finite"
+
+
+class ChunkOrderError(ValidationError):
+    """A chunk arrived out of order, overlapping, or past the declared size."""
+
+    reason = "chunk_order"
+
+
+class ChecksumError(GptflError):
+    """A chunk's crc32 or the payload's sha256 does not match."""
+
+    code = grpc.StatusCode.DATA_LOSS
+    reason = "checksum"
+
+
+class StaleTaskError(GptflError):
+    """The task is not this silo's current one (old round, finished, or unknown)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "stale_task"
+
+
+class UnknownTaskError(GptflError):
+    """No task with this id exists."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "unknown_task"
+
+
+class DuplicateUpdateError(GptflError):
+    """This task's result was already accepted; it is never counted twice."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "duplicate"
+
+
+class PermissionDeniedError(GptflError):
+    """The caller's certificate does not allow this call (wrong role, another silo's task)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "permission_denied"
+
+
+class UnauthenticatedError(GptflError):
+    """The caller presented no usable identity."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "unauthenticated"
+
+
+class JobStateError(GptflError):
+    """The request does not fit the job's state (a job already running, none to stop, ...)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "job_state"
+
+
+class ResourceLimitError(GptflError):
+    """A payload is larger than the receiver accepts."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "too_large"
+
+
+class PkiError(GptflError):
+    """Certificates or keys are missing, unreadable or inconsistent."""
+
+    reason = "pki"
+
+
+#: exit codes of the command-line tools (documented in docs/cli.md)
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_UNAVAILABLE = 4
+EXIT_JOB_FAILED = 5
+
+def grpc_status_of(error: GptflError) -> grpc.StatusCode:
+    """The gRPC status code a domain error maps to."""
+    return error.code
