@@ -52,7 +52,9 @@ def parse_config(model: type[M], data: Any, *, source: str) -> M:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
     try:
         return model.model_validate(dict(data))
     except pydantic.ValidationError as exc:

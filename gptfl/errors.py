@@ -121,6 +121,7 @@ EXIT_CONFIG = 3
 EXIT_UNAVAILABLE = 4
 EXIT_JOB_FAILED = 5
 
+
 def grpc_status_of(error: GptflError) -> grpc.StatusCode:
     """The gRPC status code a domain error maps to."""
     return error.code

@@ -1,0 +1,80 @@
+"""The coordinator's config file (coordinator.yaml); every key is in docs/coordinator-config.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+
+from gptfl.config_loading import StrictModel
+from gptfl.tls_config import TlsConfig
+
+ENV_PREFIX = "GPTFL_COORDINATOR"
+
+
+class SynthClientConfig(StrictModel):
+    """Where the synth service is (used by jobs with a ``pretrain`` section)."""
+
+    address: str
+    server_name: str | None = None
+
+
+class KubernetesConfig(StrictModel):
+    """Scaling the GPU synth Deployment up only for the pretrain phase (in-cluster only)."""
+
+    scale_synth: bool = False
+    namespace: str = ""
+    deployment: str = ""
+    ready_timeout_s: float = pydantic.Field(600.0, gt=0)
+
+
+class CoordinatorConfig(StrictModel):
+    fleet_address: str = "0.0.0.0:50051"
+    admin_address: str = "0.0.0.0:50052"
+    health_address: str = ""
+    metrics_address: str = ""
+    tls: TlsConfig | None = None
+    insecure: bool = False
+    state_dir: Path = Path("coordinator-state")
+    runs_dir: Path | None = None
+    admin_identities: tuple[str, ...] = ("admin",)
+    allowed_silos: tuple[str, ...] = ()
+    heartbeat_interval_s: float = pydantic.Field(5.0, gt=0)
+    #: a silo not heard from for this many heartbeat intervals counts as disconnected
+    heartbeat_misses: int = pydantic.Field(3, ge=1)
+    max_workers: int = pydantic.Field(64, ge=4)
+    max_concurrent_uploads: int = pydantic.Field(2, ge=1)
+    checkpoints_to_keep: int = pydantic.Field(3, ge=1)
+    shutdown_grace_s: float = pydantic.Field(10.0, ge=0)
+    log_format: Literal["text", "json"] = "text"
+    synth: SynthClientConfig | None = None
+    kubernetes: KubernetesConfig = KubernetesConfig()
+
+    @pydantic.model_validator(mode="after")
+    def _tls_or_insecure(self) -> CoordinatorConfig:
+        if self.tls is None and not self.insecure:
+            raise ValueError("tls is required unless insecure: true is set explicitly")
+        return self
+
+    @property
+    def effective_runs_dir(self) -> Path:
+        return self.runs_dir if self.runs_dir is not None else self.state_dir / "runs"
+
+    def resolve_paths(self, base: Path) -> CoordinatorConfig:
+        """Relative paths are relative to the config file's folder."""
+
+        def at(path: Path) -> Path:
+            return path if path.is_absolute() else base / path
+
+        tls = None
+        if self.tls is not None:
+            files = self.tls.files(base)
+            tls = TlsConfig(ca=files.ca, cert=files.cert, key=files.key)
+        return self.model_copy(
+            update={
+                "tls": tls,
+                "state_dir": at(self.state_dir),
+                "runs_dir": at(self.runs_dir) if self.runs_dir is not None else None,
+            }
+        )

@@ -1,0 +1,174 @@
+"""The Fleet gRPC service: a thin adapter from the wire to :class:`JobManager`.
+
+The caller's silo id always comes from its certificate, never from a request field.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import grpc
+
+from coordinator.job_manager import JobManager
+from coordinator.job_runner import EvaluationResult, UpdateHeader
+from coordinator.job_state import Phase
+from coordinator.silo_registry import SiloRegistry
+from gptfl import __version__, serde
+from gptfl.errors import ValidationError
+from gptfl.identity import caller_identity, require_role
+from gptfl.proto.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
+from gptfl.rpc import maps_errors, maps_stream_errors
+from gptfl.weights import Chunk
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_MS = 60_000
+
+_PHASES = {
+    Phase.NO_JOB: fleet_pb2.JOB_PHASE_NO_JOB,
+    Phase.PENDING: fleet_pb2.JOB_PHASE_PRETRAIN,
+    Phase.PRETRAIN: fleet_pb2.JOB_PHASE_PRETRAIN,
+    Phase.FEDERATING: fleet_pb2.JOB_PHASE_FEDERATING,
+    Phase.FINISHED: fleet_pb2.JOB_PHASE_FINISHED,
+    Phase.FAILED: fleet_pb2.JOB_PHASE_FAILED,
+    Phase.STOPPED: fleet_pb2.JOB_PHASE_STOPPED,
+}
+
+
+class FleetServicer(fleet_pb2_grpc.FleetServicer):
+    def __init__(
+        self,
+        *,
+        jobs: JobManager,
+        registry: SiloRegistry,
+        heartbeat_interval_s: float,
+        insecure: bool,
+    ) -> None:
+        self._jobs = jobs
+        self._registry = registry
+        self._heartbeat_ms = int(heartbeat_interval_s * 1000)
+        self._insecure = insecure
+
+    def _silo(self, context: grpc.ServicerContext, state: str | None = None) -> str:
+        identity = caller_identity(context, insecure=self._insecure)
+        require_role(identity, "silo")
+        self._registry.touch(identity.common_name, state)
+        return identity.common_name
+
+    @maps_errors
+    def Register(
+        self, request: fleet_pb2.RegisterRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.RegisterReply:
+        identity = caller_identity(context, insecure=self._insecure)
+        require_role(identity, "silo")
+        self._registry.register(
+            identity.common_name,
+            agent_version=request.agent_version,
+            device=request.device,
+            num_train_examples=request.num_train_examples,
+            num_eval_examples=request.num_eval_examples,
+        )
+        log.info(
+            "silo %s registered (%s, %d training examples)",
+            identity.common_name,
+            request.device or "?",
+            request.num_train_examples,
+        )
+        return fleet_pb2.RegisterReply(
+            silo_id=identity.common_name,
+            heartbeat_interval_ms=self._heartbeat_ms,
+            coordinator_version=__version__,
+        )
+
+    @maps_errors
+    def Heartbeat(
+        self, request: fleet_pb2.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.HeartbeatReply:
+        self._silo(context, request.state or None)
+        return fleet_pb2.HeartbeatReply()
+
+    @maps_errors
+    def PullTask(
+        self, request: fleet_pb2.PullTaskRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.PullTaskReply:
+        silo = self._silo(context)
+        runner = self._jobs.current()
+        if runner is None:
+            return fleet_pb2.PullTaskReply(phase=fleet_pb2.JOB_PHASE_NO_JOB, retry_after_ms=1000)
+        wait_s = min(request.wait_ms, MAX_WAIT_MS) / 1000
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait_s = max(0.0, min(wait_s, remaining - 1.0))  # answer before the caller gives up
+        task = runner.pull_task(silo, wait_s) if not runner.state.phase.terminal else None
+        self._registry.touch(silo)
+        reply = fleet_pb2.PullTaskReply(
+            phase=_PHASES[runner.state.phase], job_id=runner.job_id, retry_after_ms=0
+        )
+        if task is not None:
+            reply.task.CopyFrom(serde.task_to_pb(task.spec()))
+        return reply
+
+    @maps_stream_errors
+    def DownloadModel(
+        self, request: fleet_pb2.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.WeightStreamPart]:
+        silo = self._silo(context)
+        manifest, chunks = self._jobs.active().task_model(silo, request.task_id)
+        yield from serde.weight_stream_to_pb(manifest, chunks)
+
+    @maps_errors
+    def UploadUpdate(
+        self, request_iterator: Iterator[fleet_pb2.UploadPart], context: grpc.ServicerContext
+    ) -> fleet_pb2.UploadReply:
+        silo = self._silo(context)
+        runner = self._jobs.active()
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise ValidationError("an upload must start with its header")
+        header = UpdateHeader(
+            task_id=first.header.task_id,
+            round=first.header.round,
+            num_examples=first.header.num_examples,
+            train_metrics=serde.metrics_from_pb(first.header.train_metrics),
+            train_seconds=first.header.train_seconds,
+        )
+        second = next(request_iterator, None)
+        if second is None or second.WhichOneof("part") != "manifest":
+            raise ValidationError("the upload header must be followed by the manifest")
+        manifest = serde.manifest_from_pb(second.manifest)
+
+        def chunks() -> Iterator[Chunk]:
+            for part in request_iterator:
+                if part.WhichOneof("part") != "chunk":
+                    raise ValidationError("only chunks may follow the manifest in an upload")
+                yield serde.chunk_from_pb(part.chunk)
+
+        runner.receive_update(silo, header, manifest, chunks())
+        return fleet_pb2.UploadReply(accepted=True, message="update accepted")
+
+    @maps_errors
+    def ReportEvaluation(
+        self, request: fleet_pb2.EvaluationReport, context: grpc.ServicerContext
+    ) -> fleet_pb2.Ack:
+        silo = self._silo(context)
+        self._jobs.active().receive_evaluation(
+            silo,
+            EvaluationResult(
+                task_id=request.task_id,
+                round=request.round,
+                num_examples=request.num_examples,
+                metrics=serde.metrics_from_pb(request.metrics),
+            ),
+        )
+        return fleet_pb2.Ack()
+
+    @maps_errors
+    def DeclineTask(
+        self, request: fleet_pb2.DeclineTaskRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.Ack:
+        silo = self._silo(context)
+        if not request.reason:
+            raise ValidationError("a declined task needs a reason")
+        self._jobs.active().decline(silo, request.task_id, request.reason)
+        return fleet_pb2.Ack()

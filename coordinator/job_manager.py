@@ -1,0 +1,210 @@
+"""Accepts, runs, stops and resumes jobs; the coordinator runs one job at a time.
+
+Job folders live under ``state_dir/jobs/<job_id>/`` (``job.json`` with the spec, then the
+checkpoints). ``state_dir/ACTIVE`` names the job that has not ended yet: a coordinator that
+restarts (after a crash or a SIGTERM) resumes that job from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator.checkpoint import load_latest
+from coordinator.initial_model import file_initial_model, random_initial_model
+from coordinator.job_runner import InitialModel, JobRunner
+from coordinator.job_state import JobState, Phase
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.report import build_summary
+from coordinator.silo_registry import SiloRegistry
+from coordinator.tasks import TaskBoard
+from gptfl import atomic_io
+from gptfl.errors import JobStateError
+from gptfl.job_spec import JobSpec, parse_job_spec
+from gptfl.weights import WeightMap
+
+log = logging.getLogger(__name__)
+
+ACTIVE = "ACTIVE"
+
+
+@dataclass(frozen=True)
+class JobStatusView:
+    job_id: str
+    phase: str
+    round: int
+    total_rounds: int
+    message: str
+    state: JobState | None
+    summary: dict[str, Any] | None
+
+
+def default_initial_model(runner: JobRunner) -> tuple[WeightMap, dict[str, Any]]:
+    """Initial weights from the spec's file, or a seeded random initialisation."""
+    if runner.spec.initial_model is not None:
+        return file_initial_model(runner.spec, runner.spec.initial_model)
+    return random_initial_model(runner.spec)
+
+
+class JobManager:
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        runs_dir: Path,
+        registry: SiloRegistry,
+        board: TaskBoard,
+        metrics: CoordinatorMetrics,
+        max_concurrent_uploads: int = 2,
+        checkpoints_to_keep: int = 3,
+        initial_model: InitialModel = default_initial_model,
+    ) -> None:
+        self._state_dir = state_dir
+        self._runs_dir = runs_dir
+        self._registry = registry
+        self._board = board
+        self._metrics = metrics
+        self._uploads = max_concurrent_uploads
+        self._keep = checkpoints_to_keep
+        self._initial_model = initial_model
+        self._lock = threading.Lock()
+        self._runner: JobRunner | None = None
+        self._last: JobRunner | None = None
+        state_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- admin operations ---------------------------------------------------------------
+
+    def submit(self, spec_text: str, *, submitted_by: str) -> str:
+        spec = parse_job_spec(spec_text, source="job spec")
+        with self._lock:
+            if self._runner is not None and self._runner.is_running:
+                raise JobStateError(
+                    f"job {self._runner.job_id} is still running; stop it first "
+                    "(gptfl admin stop) or wait for it to end"
+                )
+            job_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+            job_dir = self._state_dir / "jobs" / job_id
+            if job_dir.exists():
+                job_id = f"{job_id}-{int(time.time() * 1000) % 1000:03d}"
+                job_dir = self._state_dir / "jobs" / job_id
+            job_dir.mkdir(parents=True)
+            atomic_io.write_json(
+                job_dir / "job.json",
+                {
+                    "job_id": job_id,
+                    "submitted_by": submitted_by,
+                    "spec": spec.model_dump(mode="json"),
+                },
+            )
+            atomic_io.write_text(self._state_dir / ACTIVE, job_id + "\n")
+            self._start(job_id, spec, job_dir, resume=False)
+        log.info(
+            "job %s submitted by %s: %d rounds of %s",
+            job_id,
+            submitted_by,
+            spec.rounds,
+            spec.strategy.name,
+        )
+        return job_id
+
+    def stop(self, reason: str) -> str:
+        with self._lock:
+            runner = self._runner
+        if runner is None or not runner.is_running:
+            raise JobStateError("no job is running")
+        runner.request_stop(reason or "stopped by admin")
+        runner.join(timeout=30)
+        return runner.state.phase.value
+
+    def status(self) -> JobStatusView:
+        with self._lock:
+            runner = self._runner or self._last
+        if runner is None:
+            return JobStatusView("", Phase.NO_JOB.value, 0, 0, "no job submitted", None, None)
+        state = runner.state
+        summary = None
+        if state.phase.terminal:
+            model = runner.global_model
+            summary = build_summary(state, model_sha256=model.manifest.sha256 if model else None)
+        return JobStatusView(
+            state.job_id,
+            state.phase.value,
+            state.round,
+            runner.spec.rounds,
+            state.message,
+            state,
+            summary,
+        )
+
+    def active(self) -> JobRunner:
+        with self._lock:
+            runner = self._runner
+        if runner is None:
+            raise JobStateError("no job is running")
+        return runner
+
+    def current(self) -> JobRunner | None:
+        """The running job or, once it ended, the last one."""
+        with self._lock:
+            return self._runner or self._last
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def resume_if_any(self) -> str | None:
+        """Resumes the job ``ACTIVE`` names, from its latest checkpoint."""
+        pointer = self._state_dir / ACTIVE
+        if not pointer.exists():
+            return None
+        job_id = pointer.read_text().strip()
+        job_dir = self._state_dir / "jobs" / job_id
+        try:
+            record = json.loads((job_dir / "job.json").read_text())
+        except (OSError, ValueError) as exc:
+            log.error("cannot resume job %s (%s); clearing it", job_id, exc)
+            pointer.unlink()
+            return None
+        spec = JobSpec.model_validate(record["spec"])
+        with self._lock:
+            self._start(job_id, spec, job_dir, resume=True)
+        return job_id
+
+    def shutdown(self, grace_s: float) -> None:
+        """Stops the job thread without ending the job: a restart resumes it."""
+        with self._lock:
+            runner = self._runner
+        if runner is not None and runner.is_running:
+            runner.suspend()
+            runner.join(timeout=grace_s)
+
+    def _start(self, job_id: str, spec: JobSpec, job_dir: Path, *, resume: bool) -> None:
+        checkpoint = load_latest(job_dir / "checkpoints") if resume else None
+        if checkpoint is not None:
+            log.info("resuming job %s after round %d", job_id, checkpoint.round)
+        runner = JobRunner(
+            job_id=job_id,
+            spec=spec,
+            job_dir=job_dir,
+            runs_dir=self._runs_dir,
+            registry=self._registry,
+            board=self._board,
+            metrics=self._metrics,
+            initial_model=self._initial_model,
+            max_concurrent_uploads=self._uploads,
+            checkpoints_to_keep=self._keep,
+            resume_from=checkpoint,
+            on_end=self._ended,
+        )
+        self._runner = runner
+        runner.start()
+
+    def _ended(self, runner: JobRunner) -> None:
+        (self._state_dir / ACTIVE).unlink(missing_ok=True)
+        with self._lock:
+            if self._runner is runner:
+                self._last = runner
+                self._runner = None

@@ -1,0 +1,527 @@
+"""One federated job, round by round, in its own thread.
+
+The runner owns the global model. Servicers call into it from gRPC threads
+(:meth:`JobRunner.pull_task`, :meth:`receive_update`, ...); it validates every incoming
+message before it touches the aggregate, and folds accepted updates into a running sum as
+they arrive. After each round it evaluates, checkpoints and exports metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from coordinator.aggregation import RunningSum
+from coordinator.checkpoint import Checkpoint, save_checkpoint
+from coordinator.evaluation import ServerEvaluator
+from coordinator.job_state import JobState, Phase, RoundRecord, SiloSummary
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.report import export_job
+from coordinator.silo_registry import SiloRegistry
+from coordinator.strategies import Strategy, build_strategy
+from coordinator.tasks import ModelVersion, TaskBoard, TaskRecord, TaskStatus
+from gptfl.errors import GptflError, ValidationError
+from gptfl.job_spec import JobSpec
+from gptfl.task import LocalSettings, TaskKind
+from gptfl.weights import Chunk, Manifest, PayloadReceiver, WeightMap, build_manifest, iter_chunks
+
+log = logging.getLogger(__name__)
+
+InitialModel = Callable[["JobRunner"], tuple[WeightMap, dict[str, Any]]]
+
+
+class JobFailed(Exception):
+    """The job cannot go on (quorum missed, initialisation failed); the message says why."""
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    task_id: str
+    round: int
+    num_examples: int
+    train_metrics: Mapping[str, float]
+    train_seconds: float
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    task_id: str
+    round: int
+    num_examples: int
+    metrics: Mapping[str, float]
+
+
+@dataclass
+class _RoundProgress:
+    """Accepted updates of the round in progress."""
+
+    number: int
+    tasks: list[TaskRecord]
+    total: RunningSum
+    loss_sum: float = 0.0
+    slowest_train_s: float = 0.0
+    rejected: int = 0
+
+
+class JobRunner:
+    """Runs one job from its first round (or a checkpoint) to the end."""
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        spec: JobSpec,
+        job_dir: Path,
+        runs_dir: Path,
+        registry: SiloRegistry,
+        board: TaskBoard,
+        metrics: CoordinatorMetrics,
+        initial_model: InitialModel,
+        max_concurrent_uploads: int = 2,
+        checkpoints_to_keep: int = 3,
+        resume_from: Checkpoint | None = None,
+        on_end: Callable[[JobRunner], None] | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.job_dir = job_dir
+        self.runs_dir = runs_dir
+        self._registry = registry
+        self._board = board
+        self._metrics = metrics
+        self._initial_model = initial_model
+        self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
+        self._keep = checkpoints_to_keep
+        self._on_end = on_end
+        self._strategy: Strategy = build_strategy(spec.strategy)
+        self._evaluator: ServerEvaluator | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stop_reason = ""
+        self._suspended = False
+        self._round: _RoundProgress | None = None
+        self._eval_results: dict[str, EvaluationResult] = {}
+        self._global: ModelVersion | None = None
+        self._thread = threading.Thread(target=self._run, name=f"job-{job_id}", daemon=True)
+        if resume_from is not None:
+            self.state = resume_from.state
+            self.state.phase = Phase.FEDERATING
+            self.state.message = f"resumed after round {resume_from.round}"
+            self._strategy.load_state_dict(resume_from.strategy_state)
+            self._set_global(resume_from.weights)
+        else:
+            self.state = JobState(
+                job_id=job_id, spec=spec.model_dump(mode="json"), created_unix=time.time()
+            )
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request_stop(self, reason: str) -> None:
+        """Ends the job after the current step; the job ends as ``stopped``."""
+        self._stop_reason = reason
+        self._stop.set()
+        self._board.notify()
+
+    def suspend(self) -> None:
+        """Leaves the job thread without ending the job (coordinator shutdown).
+
+        The round in progress is abandoned; the last checkpoint stays the latest, so a
+        restarted coordinator resumes from it and no update is counted twice.
+        """
+        self._suspended = True
+        self.request_stop("coordinator shutting down")
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def global_model(self) -> ModelVersion | None:
+        return self._global
+
+    # ---- called from gRPC threads -----------------------------------------------------
+
+    def pull_task(self, silo_id: str, wait_s: float) -> TaskRecord | None:
+        return self._board.pull(silo_id, wait_s)
+
+    def task_model(self, silo_id: str, task_id: str) -> tuple[Manifest, Iterator[Chunk]]:
+        """The model a silo's open task runs on, as a manifest and its chunks."""
+        task = self._lookup_any(silo_id, task_id)
+        version = task.model
+        sent = self._metrics.bytes_sent.labels(silo=silo_id)
+
+        def counted() -> Iterator[Chunk]:
+            for chunk in iter_chunks(version.weights, version.manifest):
+                sent.inc(len(chunk.data))
+                yield chunk
+
+        return version.manifest, counted()
+
+    def receive_update(
+        self, silo_id: str, header: UpdateHeader, manifest: Manifest, chunks: Iterator[Chunk]
+    ) -> None:
+        """Validates a silo's update and folds it into the round's running sum.
+
+        Every check happens before the aggregate is touched; any failure is counted by reason
+        and leaves the global model and the sum as they were.
+        """
+        try:
+            task = self._board.lookup(silo_id, header.task_id, TaskKind.TRAIN)
+            progress = self._round
+            if progress is None or task.round != progress.number or header.round != task.round:
+                raise_stale(task, header.round, progress.number if progress else None)
+            assert progress is not None
+            if header.num_examples <= 0:
+                raise ValidationError(f"num_examples must be positive, got {header.num_examples}")
+            self._board.claim(task)
+            try:
+                with self._upload_slots:  # bounds memory: at most N updates being assembled
+                    receiver = PayloadReceiver(manifest, expected=task.model.manifest.specs)
+                    received = self._metrics.bytes_received.labels(silo=silo_id)
+                    for chunk in chunks:
+                        receiver.add(chunk)
+                        received.inc(len(chunk.data))
+                    weights = receiver.finish()
+                    progress.total.add(weights, header.num_examples)
+            except BaseException:
+                self._board.release(task)
+                raise
+            with self._lock:
+                progress.loss_sum += (
+                    header.train_metrics.get("loss", math.nan) * header.num_examples
+                )
+                progress.slowest_train_s = max(progress.slowest_train_s, header.train_seconds)
+                summary = self.state.silos.setdefault(silo_id, SiloSummary())
+                summary.rounds_participated += 1
+                summary.examples += header.num_examples
+            self._board.finish(task, TaskStatus.DONE)
+            self._registry.record_participation(silo_id, header.num_examples)
+            self._metrics.updates_accepted.inc()
+            self._metrics.silo_last_round.labels(silo=silo_id).set(task.round)
+            log.info(
+                "round %d: accepted update from %s (%d examples)",
+                task.round,
+                silo_id,
+                header.num_examples,
+            )
+        except GptflError as exc:
+            self._count_rejection(silo_id, exc)
+            raise
+
+    def receive_evaluation(self, silo_id: str, result: EvaluationResult) -> None:
+        try:
+            task = self._board.lookup(silo_id, result.task_id, TaskKind.EVALUATE)
+            for key in ("loss", "accuracy"):
+                value = result.metrics.get(key)
+                if value is None or not math.isfinite(value):
+                    raise ValidationError(f"evaluation report lacks a finite {key!r}")
+            if result.num_examples <= 0:
+                raise ValidationError("evaluation report has no examples")
+            with self._lock:
+                self._eval_results[task.task_id] = result
+            self._board.finish(task, TaskStatus.DONE)
+        except GptflError as exc:
+            self._count_rejection(silo_id, exc)
+            raise
+
+    def decline(self, silo_id: str, task_id: str, reason: str) -> None:
+        for kind in TaskKind:
+            try:
+                task = self._board.lookup(silo_id, task_id, kind)
+            except GptflError:
+                continue
+            self._board.finish(task, TaskStatus.DECLINED, reason[:500])
+            log.warning(
+                "silo %s declined task %s (round %d): %s",
+                silo_id,
+                task_id,
+                task.round,
+                reason[:500],
+            )
+            return
+        task = self._board.lookup(silo_id, task_id, TaskKind.TRAIN)  # raises the precise error
+
+    # ---- the job thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            if self._global is None:
+                self._initialise()
+            if self.spec.evaluation.server is not None:
+                self._evaluator = ServerEvaluator(self.spec.evaluation.server, self.spec.model)
+            self._set_phase(Phase.FEDERATING, self.state.message or "waiting for silos")
+            self._metrics.total_rounds.set(self.spec.rounds)
+            for number in range(self.state.round + 1, self.spec.rounds + 1):
+                if self._stop.is_set():
+                    break
+                self._run_round(number)
+            if self._suspended:
+                self._board.wake_all()
+                log.info(
+                    "job %s suspended after round %d; a restart resumes it",
+                    self.job_id,
+                    len(self.state.rounds),
+                )
+            elif self._stop.is_set():
+                self._end(Phase.STOPPED, f"stopped: {self._stop_reason}")
+            else:
+                self._end(Phase.FINISHED, f"finished {self.spec.rounds} rounds")
+        except JobFailed as exc:
+            log.error("job %s failed: %s", self.job_id, exc)
+            self._end(Phase.FAILED, str(exc))
+        except Exception as exc:  # the thread must always leave a final state behind
+            log.exception("job %s crashed", self.job_id)
+            self._end(Phase.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _initialise(self) -> None:
+        try:
+            weights, provenance = self._initial_model(self)
+        except GptflError as exc:
+            raise JobFailed(f"initial model: {exc}") from exc
+        self.state.initialisation = provenance
+        self._set_global(weights)
+        self._checkpoint()  # round 0: a restart never repeats the initialisation
+
+    def _set_global(self, weights: WeightMap) -> None:
+        self._global = ModelVersion(weights, build_manifest(weights))
+
+    def _set_phase(self, phase: Phase, message: str) -> None:
+        with self._lock:
+            self.state.phase = phase
+            self.state.message = message
+        for p in Phase:
+            self._metrics.job_phase.labels(phase=p.value).set(1 if p is phase else 0)
+
+    def _wait_for_silos(self) -> list[str]:
+        deadline = time.monotonic() + self.spec.wait_for_silos_s
+        announced = -1
+        while not self._stop.is_set():
+            connected = self._registry.connected()
+            self._metrics.silos_connected.set(len(connected))
+            if len(connected) >= self.spec.min_silos:
+                return connected
+            if len(connected) != announced:
+                announced = len(connected)
+                log.info(
+                    "waiting for silos: %d connected, min_silos is %d",
+                    announced,
+                    self.spec.min_silos,
+                )
+                self.state.message = f"waiting for silos ({announced}/{self.spec.min_silos})"
+            if time.monotonic() > deadline:
+                raise JobFailed(
+                    f"only {len(connected)} silos connected within wait_for_silos_s="
+                    f"{self.spec.wait_for_silos_s:g}; min_silos is {self.spec.min_silos}"
+                )
+            self._stop.wait(0.2)
+        return []
+
+    def _select(self, number: int, connected: list[str]) -> list[str]:
+        fraction = self.spec.silo_fraction()
+        if fraction >= 1.0:
+            return connected
+        count = max(self.spec.min_silos, math.ceil(fraction * len(connected)))
+        rng = random.Random(f"{self.spec.seed}:{number}")
+        return sorted(rng.sample(connected, min(count, len(connected))))
+
+    def _local_settings(self, number: int, silo_id: str) -> LocalSettings:
+        local = self.spec.local
+        overrides = self._strategy.local_overrides()
+        return LocalSettings(
+            epochs=local.epochs,
+            batch_size=local.batch_size,
+            learning_rate=local.learning_rate,
+            momentum=local.momentum,
+            weight_decay=local.weight_decay,
+            proximal_mu=overrides.get("proximal_mu", 0.0),
+            seed=hash((self.spec.seed, number, silo_id)) & 0x7FFFFFFF,
+        )
+
+    def _make_tasks(self, number: int, kind: TaskKind, silos: list[str]) -> list[TaskRecord]:
+        assert self._global is not None
+        deadline = time.time() + self.spec.round_deadline_s
+        return [
+            TaskRecord(
+                job_id=self.job_id,
+                round=number,
+                kind=kind,
+                silo_id=silo,
+                model=self._global,
+                model_spec=self.spec.model,
+                local=self._local_settings(number, silo),
+                deadline_unix=deadline,
+            )
+            for silo in silos
+        ]
+
+    def _run_round(self, number: int) -> None:
+        started = time.monotonic()
+        connected = self._wait_for_silos()
+        if self._stop.is_set():
+            return
+        selected = self._select(number, connected)
+        assert self._global is not None
+        tasks = self._make_tasks(number, TaskKind.TRAIN, selected)
+        progress = _RoundProgress(number, tasks, RunningSum(self._global.weights))
+        with self._lock:
+            self._round = progress
+            self.state.round = number
+            self.state.message = f"round {number}: training on {len(selected)} silos"
+        self._metrics.current_round.set(number)
+        self._board.publish(tasks)
+        deadline = time.monotonic() + self.spec.round_deadline_s
+        self._board.wait_until(tasks, deadline, self._stop)
+        self._board.expire(tasks)
+        if self._stop.is_set():
+            self._board.retire(tasks)
+            return
+        accepted = progress.total.count
+        if accepted < self.spec.min_silos:
+            self._board.retire(tasks)
+            declined = [f"{t.silo_id}: {t.decline_reason}" for t in tasks if t.decline_reason]
+            raise JobFailed(
+                f"round {number}: {accepted} of {len(tasks)} updates arrived within "
+                f"round_deadline_s={self.spec.round_deadline_s:g}; min_silos is "
+                f"{self.spec.min_silos}"
+                + (f" (declined: {'; '.join(declined)})" if declined else "")
+            )
+        with self._metrics.aggregation_seconds.time():
+            new_weights = self._strategy.apply(self._global.weights, progress.total.mean())
+            self._set_global(new_weights)
+        self._board.retire(tasks)
+        test = self._evaluator.evaluate(new_weights) if self._evaluator else None
+        fed_loss, fed_acc, fed_n = self._federated_evaluation(
+            number, [t.silo_id for t in tasks if t.status is TaskStatus.DONE]
+        )
+        record = RoundRecord(
+            round=number,
+            silos_selected=len(tasks),
+            updates_accepted=accepted,
+            updates_rejected=progress.rejected,
+            examples=progress.total.total_examples,
+            seconds=time.monotonic() - started,
+            slowest_train_seconds=progress.slowest_train_s,
+            train_loss=progress.loss_sum / progress.total.total_examples,
+            test_loss=test.loss if test else None,
+            test_accuracy=test.accuracy if test else None,
+            federated_loss=fed_loss,
+            federated_accuracy=fed_acc,
+            federated_examples=fed_n,
+        )
+        with self._lock:
+            self.state.rounds.append(record)
+            self._round = None
+        self._checkpoint()
+        record = replace(record, seconds=time.monotonic() - started)
+        with self._lock:
+            self.state.rounds[-1] = record
+        self._export_round_metrics(record)
+        log.info(
+            "round %d/%d done in %.2fs: %d/%d updates, test acc %s, federated acc %s",
+            number,
+            self.spec.rounds,
+            record.seconds,
+            accepted,
+            len(tasks),
+            _pct(record.test_accuracy),
+            _pct(record.federated_accuracy),
+        )
+
+    def _federated_evaluation(
+        self, number: int, silos: list[str]
+    ) -> tuple[float | None, float | None, int]:
+        if not self.spec.evaluation.federated or not silos:
+            return None, None, 0
+        tasks = self._make_tasks(number, TaskKind.EVALUATE, silos)
+        self._board.publish(tasks)
+        self._board.wait_until(tasks, time.monotonic() + self.spec.round_deadline_s, self._stop)
+        self._board.expire(tasks)
+        self._board.retire(tasks)
+        with self._lock:
+            results = [
+                self._eval_results.pop(t.task_id) for t in tasks if t.task_id in self._eval_results
+            ]
+        n = sum(r.num_examples for r in results)
+        if n == 0:
+            return None, None, 0
+        loss = sum(r.metrics["loss"] * r.num_examples for r in results) / n
+        acc = sum(r.metrics["accuracy"] * r.num_examples for r in results) / n
+        return loss, acc, n
+
+    def _export_round_metrics(self, record: RoundRecord) -> None:
+        m = self._metrics
+        m.rounds_completed.inc()
+        m.round_duration.observe(record.seconds)
+        for source, acc, loss in (
+            ("server", record.test_accuracy, record.test_loss),
+            ("federated", record.federated_accuracy, record.federated_loss),
+        ):
+            if acc is not None and loss is not None:
+                m.model_accuracy.labels(source=source).set(acc)
+                m.model_loss.labels(source=source).set(loss)
+
+    def _count_rejection(self, silo_id: str, exc: GptflError) -> None:
+        self._metrics.updates_rejected.labels(reason=exc.reason).inc()
+        with self._lock:
+            self.state.silos.setdefault(silo_id, SiloSummary()).updates_rejected += 1
+            if self._round is not None:
+                self._round.rejected += 1
+        log.warning("rejected %s from %s: %s", exc.reason, silo_id, exc)
+
+    def _lookup_any(self, silo_id: str, task_id: str) -> TaskRecord:
+        try:
+            return self._board.lookup(silo_id, task_id, TaskKind.TRAIN)
+        except GptflError:
+            return self._board.lookup(silo_id, task_id, TaskKind.EVALUATE)
+
+    def _checkpoint(self) -> None:
+        assert self._global is not None
+        with self._lock:
+            snapshot = JobState.from_json(self.state.to_json())
+        save_checkpoint(
+            self.job_dir / "checkpoints",
+            round_=snapshot.round,
+            weights=self._global.weights,
+            strategy_state=self._strategy.state_dict(),
+            state=snapshot,
+            keep=self._keep,
+        )
+
+    def _end(self, phase: Phase, message: str) -> None:
+        self.state.finished_unix = time.time()
+        self._set_phase(phase, message)
+        self._board.wake_all()
+        weights = self._global.weights if self._global is not None else None
+        try:
+            export_job(self.state, weights, self.runs_dir / self.job_id)
+        except Exception:
+            log.exception("job %s: exporting the final model and report failed", self.job_id)
+        log.info("job %s %s: %s", self.job_id, phase.value, message)
+        if self._on_end is not None:
+            self._on_end(self)
+
+
+def raise_stale(task: TaskRecord, claimed_round: int, current: int | None) -> None:
+    from gptfl.errors import StaleTaskError
+
+    raise StaleTaskError(
+        f"task {task.task_id} is for round {task.round} but the upload says round "
+        f"{claimed_round}; the round in progress is {current}"
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"

@@ -1,0 +1,110 @@
+"""What the coordinator knows about a job, as plain data that round-trips through JSON.
+
+This is what a checkpoint's ``state.json`` holds and what status, summary and report are
+built from. Room for later: per-silo privacy spend goes into :class:`SiloSummary`.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class Phase(enum.Enum):
+    NO_JOB = "no_job"
+    PENDING = "pending"
+    PRETRAIN = "pretrain"
+    FEDERATING = "federating"
+    FINISHED = "finished"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.FINISHED, Phase.FAILED, Phase.STOPPED)
+
+
+def _clean(value: float | None) -> float | None:
+    """JSON has no NaN: missing or undefined metrics are written as null."""
+    if value is None or math.isnan(value):
+        return None
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    silos_selected: int
+    updates_accepted: int
+    updates_rejected: int
+    examples: int
+    seconds: float
+    #: the slowest accepted silo's local training time (the rest of ``seconds`` is overhead)
+    slowest_train_seconds: float
+    train_loss: float | None = None
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+    federated_loss: float | None = None
+    federated_accuracy: float | None = None
+    federated_examples: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: _clean(v) if isinstance(v, float) else v for k, v in data.items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundRecord:
+        return cls(**data)
+
+
+@dataclass
+class SiloSummary:
+    rounds_participated: int = 0
+    examples: int = 0
+    updates_rejected: int = 0
+
+
+@dataclass
+class JobState:
+    job_id: str
+    spec: dict[str, Any]
+    phase: Phase = Phase.PENDING
+    message: str = ""
+    round: int = 0
+    rounds: list[RoundRecord] = field(default_factory=list)
+    silos: dict[str, SiloSummary] = field(default_factory=dict)
+    #: where the initial model came from: random init, a file, or the GPT-FL pretrain phase
+    initialisation: dict[str, Any] = field(default_factory=dict)
+    created_unix: float = 0.0
+    finished_unix: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "spec": self.spec,
+            "phase": self.phase.value,
+            "message": self.message,
+            "round": self.round,
+            "rounds": [r.to_json() for r in self.rounds],
+            "silos": {k: asdict(v) for k, v in sorted(self.silos.items())},
+            "initialisation": self.initialisation,
+            "created_unix": self.created_unix,
+            "finished_unix": self.finished_unix,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobState:
+        return cls(
+            job_id=data["job_id"],
+            spec=data["spec"],
+            phase=Phase(data["phase"]),
+            message=data.get("message", ""),
+            round=data["round"],
+            rounds=[RoundRecord.from_json(r) for r in data["rounds"]],
+            silos={k: SiloSummary(**v) for k, v in data.get("silos", {}).items()},
+            initialisation=data.get("initialisation", {}),
+            created_unix=data.get("created_unix", 0.0),
+            finished_unix=data.get("finished_unix"),
+        )

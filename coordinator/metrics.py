@@ -1,0 +1,113 @@
+"""Prometheus metrics of the coordinator.
+
+Names follow Prometheus conventions (``gptfl_`` prefix, ``_total`` / ``_seconds`` /
+``_bytes`` suffixes); labels stay low-cardinality (silo ids are bounded by the PKI, reasons by
+:mod:`gptfl.errors`). Each metric is registered on a registry the caller owns, so tests and
+several coordinators in one process never collide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+ROUND_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
+AGGREGATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+@dataclass(frozen=True)
+class CoordinatorMetrics:
+    """The coordinator's metric objects, created together on one registry."""
+
+    registry: CollectorRegistry
+    rounds_completed: Counter
+    round_duration: Histogram
+    current_round: Gauge
+    total_rounds: Gauge
+    silos_connected: Gauge
+    updates_accepted: Counter
+    updates_rejected: Counter
+    bytes_received: Counter
+    bytes_sent: Counter
+    aggregation_seconds: Histogram
+    model_accuracy: Gauge
+    model_loss: Gauge
+    silo_last_round: Gauge
+    job_phase: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> CoordinatorMetrics:
+        reg = registry if registry is not None else CollectorRegistry()
+        return cls(
+            registry=reg,
+            rounds_completed=Counter(
+                "gptfl_rounds_completed_total", "FL rounds completed.", registry=reg
+            ),
+            round_duration=Histogram(
+                "gptfl_round_duration_seconds",
+                "Wall time of each FL round, task dispatch to checkpoint.",
+                buckets=ROUND_BUCKETS,
+                registry=reg,
+            ),
+            current_round=Gauge(
+                "gptfl_current_round", "The round in progress (0 before the first).", registry=reg
+            ),
+            total_rounds=Gauge("gptfl_total_rounds", "Rounds the current job runs.", registry=reg),
+            silos_connected=Gauge(
+                "gptfl_silos_connected", "Silos seen within the heartbeat timeout.", registry=reg
+            ),
+            updates_accepted=Counter(
+                "gptfl_updates_accepted_total",
+                "Silo updates folded into an aggregate.",
+                registry=reg,
+            ),
+            updates_rejected=Counter(
+                "gptfl_updates_rejected_total",
+                "Silo updates or reports rejected, by reason.",
+                ["reason"],
+                registry=reg,
+            ),
+            bytes_received=Counter(
+                "gptfl_bytes_received_total",
+                "Weight payload bytes received from each silo.",
+                ["silo"],
+                registry=reg,
+            ),
+            bytes_sent=Counter(
+                "gptfl_bytes_sent_total",
+                "Weight payload bytes sent to each silo.",
+                ["silo"],
+                registry=reg,
+            ),
+            aggregation_seconds=Histogram(
+                "gptfl_aggregation_seconds",
+                "Time spent folding updates and applying the strategy.",
+                buckets=AGGREGATION_BUCKETS,
+                registry=reg,
+            ),
+            model_accuracy=Gauge(
+                "gptfl_global_model_accuracy",
+                "Accuracy of the global model after the last round, by evaluation source.",
+                ["source"],
+                registry=reg,
+            ),
+            model_loss=Gauge(
+                "gptfl_global_model_loss",
+                "Loss of the global model after the last round, by evaluation source.",
+                ["source"],
+                registry=reg,
+            ),
+            silo_last_round=Gauge(
+                "gptfl_silo_last_round",
+                "The last round in which each silo's update was accepted.",
+                ["silo"],
+                registry=reg,
+            ),
+            job_phase=Gauge(
+                "gptfl_job_phase",
+                "1 for the job's current phase, 0 for the others.",
+                ["phase"],
+                registry=reg,
+            ),
+        )

@@ -1,0 +1,153 @@
+"""The end-of-job export: final model, ``summary.json``, ``report.md`` and a plot.
+
+``summary.json`` is documented in docs/summary-json.md; its ``rounds`` list holds one entry per
+round with at least ``round``, ``test_accuracy``, ``test_loss`` and ``seconds``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coordinator.job_state import JobState
+from gptfl import atomic_io
+from gptfl.weights import build_manifest
+from gptfl.weights_io import save_weights
+
+SUMMARY_VERSION = 1
+
+
+def build_summary(state: JobState, *, model_sha256: str | None) -> dict[str, Any]:
+    rounds = [r.to_json() for r in state.rounds]
+    last = rounds[-1] if rounds else {}
+    return {
+        "summary_version": SUMMARY_VERSION,
+        "job_id": state.job_id,
+        "name": state.spec.get("name"),
+        "status": state.phase.value,
+        "message": state.message,
+        "rounds_completed": len(rounds),
+        "rounds_planned": state.spec.get("rounds"),
+        "created_unix": state.created_unix,
+        "finished_unix": state.finished_unix,
+        "seconds": (state.finished_unix or time.time()) - state.created_unix,
+        "model": {**state.spec.get("model", {}), "sha256": model_sha256},
+        "strategy": state.spec.get("strategy", {}),
+        "initialisation": state.initialisation,
+        "final": {
+            key: last.get(key)
+            for key in ("test_accuracy", "test_loss", "federated_accuracy", "federated_loss")
+        },
+        "silos": {
+            silo: {
+                "rounds_participated": s.rounds_participated,
+                "examples": s.examples,
+                "updates_rejected": s.updates_rejected,
+            }
+            for silo, s in sorted(state.silos.items())
+        },
+        "rounds": rounds,
+        "spec": state.spec,
+    }
+
+
+def plot_accuracy(state: JobState, path: Path) -> bool:
+    """Writes a PNG of accuracy per round; False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {
+        "test (server-side)": [(r.round, r.test_accuracy) for r in state.rounds],
+        "federated (silo-side)": [(r.round, r.federated_accuracy) for r in state.rounds],
+    }
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plotted = False
+    for label, points in series.items():
+        xs = [x for x, y in points if y is not None]
+        ys = [y for _, y in points if y is not None]
+        if xs:
+            ax.plot(xs, ys, marker="o", label=label)
+            plotted = True
+    if plotted:
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title(f"{state.spec.get('name')}: accuracy per round")
+        fig.tight_layout()
+        with atomic_io.atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return plotted
+
+
+def _fmt(value: float | None, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}%" if pct else f"{value:.4f}"
+
+
+def render_markdown(summary: Mapping[str, Any], *, plot_name: str | None) -> str:
+    lines = [
+        f"# Job {summary['job_id']}",
+        "",
+        f"- status: **{summary['status']}** {summary['message']}".rstrip(),
+        f"- model: `{summary['model'].get('arch')}` ({summary['model'].get('sha256')})",
+        f"- strategy: `{summary['strategy'].get('name', 'fedavg')}`",
+        f"- initialisation: `{summary['initialisation'].get('kind', 'random')}`",
+        f"- rounds: {summary['rounds_completed']} of {summary['rounds_planned']}, "
+        f"{summary['seconds']:.1f} s",
+        "",
+    ]
+    if plot_name:
+        lines += [f"![accuracy per round]({plot_name})", ""]
+    lines += [
+        "| round | test accuracy | test loss | federated accuracy | train loss | silos | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary["rounds"]:
+        lines.append(
+            f"| {r['round']} | {_fmt(r['test_accuracy'], True)} | {_fmt(r['test_loss'])} | "
+            f"{_fmt(r['federated_accuracy'], True)} | {_fmt(r['train_loss'])} | "
+            f"{r['updates_accepted']}/{r['silos_selected']} | {r['seconds']:.2f} |"
+        )
+    lines += ["", "## Silos", "", "| silo | rounds | examples |", "|---|---:|---:|"]
+    for silo, s in summary["silos"].items():
+        lines.append(f"| {silo} | {s['rounds_participated']} | {s['examples']} |")
+    return "\n".join(lines) + "\n"
+
+
+def export_job(
+    state: JobState, weights: Mapping[str, torch.Tensor] | None, out_dir: Path
+) -> dict[str, Any]:
+    """Writes the final model (when there is one), summary.json, report.md and the plot."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sha = None
+    if weights is not None:
+        sha = build_manifest(weights).sha256
+        save_weights(
+            out_dir / "model.safetensors",
+            weights,
+            metadata={
+                "job_id": state.job_id,
+                "rounds": len(state.rounds),
+                "model": state.spec.get("model"),
+                "initialisation": state.initialisation,
+                "final_metrics": state.rounds[-1].to_json() if state.rounds else {},
+            },
+        )
+    summary = build_summary(state, model_sha256=sha)
+    atomic_io.write_json(out_dir / "summary.json", summary)
+    plotted = plot_accuracy(state, out_dir / "accuracy.png")
+    atomic_io.write_text(
+        out_dir / "report.md",
+        render_markdown(summary, plot_name="accuracy.png" if plotted else None),
+    )
+    return summary

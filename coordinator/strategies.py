@@ -1,0 +1,207 @@
+"""Aggregation strategies behind one interface.
+
+A strategy decides two things: what the silos are told for local training
+(:meth:`Strategy.local_overrides`, e.g. FedProx's ``mu``) and how the sample-weighted average
+of the silo models becomes the next global model (:meth:`Strategy.apply`). The averaging
+itself happens in :class:`coordinator.aggregation.RunningSum`, so every strategy works with
+streamed (and, later, securely summed) updates.
+
+Server optimizers follow Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2,
+with ``delta = average - global`` (the negative pseudo-gradient) and no bias correction::
+
+    m = beta1 * m + (1 - beta1) * delta
+    v = v + delta^2                                              (FedAdagrad)
+    v = beta2 * v + (1 - beta2) * delta^2                        (FedAdam)
+    v = v - (1 - beta2) * delta^2 * sign(v - delta^2)            (FedYogi)
+    w = w + eta * m / (sqrt(v) + tau)
+
+FedAvgM (Hsu et al. 2019): ``velocity = momentum * velocity + delta``,
+``w = w + eta * velocity``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import torch
+
+from gptfl.job_spec import StrategySpec
+from gptfl.weights import WeightMap
+
+
+class Strategy(ABC):
+    """Turns the average of the silo models into the next global model."""
+
+    name: str = "base"
+
+    def local_overrides(self) -> dict[str, float]:
+        """Settings sent to the silos on top of the job's local training settings."""
+        return {}
+
+    @abstractmethod
+    def apply(self, global_weights: Mapping[str, torch.Tensor], average: WeightMap) -> WeightMap:
+        """The next global model from the current one and the silos' weighted average."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Optimizer state to checkpoint (empty for stateless strategies)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restores what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"strategy {self.name} keeps no state, got {sorted(state)[:3]}")
+
+
+def _cast_like(
+    global_weights: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]
+) -> WeightMap:
+    """The new values in the global model's dtypes; tensors that were not averaged are kept."""
+    return {
+        name: new[name].to(t.dtype) if name in new else t.clone()
+        for name, t in global_weights.items()
+    }
+
+
+class FedAvg(Strategy):
+    """The next global model is the sample-weighted average (McMahan et al. 2017)."""
+
+    name = "fedavg"
+
+    def apply(self, global_weights: Mapping[str, torch.Tensor], average: WeightMap) -> WeightMap:
+        return _cast_like(global_weights, average)
+
+
+class FedProx(FedAvg):
+    """FedAvg on the server; the silos add ``mu/2 ||w - w_global||^2`` (Li et al. 2020)."""
+
+    name = "fedprox"
+
+    def __init__(self, proximal_mu: float) -> None:
+        self.proximal_mu = proximal_mu
+
+    def local_overrides(self) -> dict[str, float]:
+        return {"proximal_mu": self.proximal_mu}
+
+
+class _ServerOptimizer(Strategy):
+    """Shared bookkeeping of the server-optimizer strategies: named state tensors."""
+
+    def __init__(self) -> None:
+        self._state: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _slot(self, slot: str, name: str, like: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        table = self._state.setdefault(slot, {})
+        if name not in table:
+            table[name] = torch.full_like(like, fill, dtype=torch.float32)
+        return table[name]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{slot}/{name}": t for slot, table in self._state.items() for name, t in table.items()
+        }
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._state = {}
+        for key, tensor in state.items():
+            slot, _, name = key.partition("/")
+            self._state.setdefault(slot, {})[name] = tensor.to(torch.float32).clone()
+
+    def apply(self, global_weights: Mapping[str, torch.Tensor], average: WeightMap) -> WeightMap:
+        updated: WeightMap = {}
+        for name, avg in average.items():
+            current = global_weights[name].to(torch.float32)
+            delta = avg.to(torch.float32) - current
+            updated[name] = current + self._step(name, delta)
+        return _cast_like(global_weights, updated)
+
+    @abstractmethod
+    def _step(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+        """The change to apply to tensor ``name`` given this round's ``delta``."""
+
+
+class FedAvgM(_ServerOptimizer):
+    name = "fedavgm"
+
+    def __init__(self, *, server_learning_rate: float, server_momentum: float) -> None:
+        super().__init__()
+        self.lr = server_learning_rate
+        self.momentum = server_momentum
+
+    def _step(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+        velocity = self._slot("velocity", name, delta)
+        velocity.mul_(self.momentum).add_(delta)
+        return self.lr * velocity
+
+
+class _Adaptive(_ServerOptimizer):
+    def __init__(
+        self, *, server_learning_rate: float, beta1: float, beta2: float, tau: float
+    ) -> None:
+        super().__init__()
+        self.lr = server_learning_rate
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.tau = tau
+
+    def _step(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+        m = self._slot("m", name, delta)
+        v = self._slot("v", name, delta, fill=self._initial_v())
+        m.mul_(self.beta1).add_(delta, alpha=1 - self.beta1)
+        self._update_v(v, delta * delta)
+        return self.lr * m / (v.sqrt() + self.tau)
+
+    def _initial_v(self) -> float:
+        # Reddi et al. initialise v to tau^2 so the first step is bounded.
+        return self.tau * self.tau
+
+    @abstractmethod
+    def _update_v(self, v: torch.Tensor, delta_sq: torch.Tensor) -> None: ...
+
+
+class FedAdagrad(_Adaptive):
+    name = "fedadagrad"
+
+    def _update_v(self, v: torch.Tensor, delta_sq: torch.Tensor) -> None:
+        v.add_(delta_sq)
+
+
+class FedAdam(_Adaptive):
+    name = "fedadam"
+
+    def _update_v(self, v: torch.Tensor, delta_sq: torch.Tensor) -> None:
+        v.mul_(self.beta2).add_(delta_sq, alpha=1 - self.beta2)
+
+
+class FedYogi(_Adaptive):
+    name = "fedyogi"
+
+    def _update_v(self, v: torch.Tensor, delta_sq: torch.Tensor) -> None:
+        v.sub_((1 - self.beta2) * delta_sq * torch.sign(v - delta_sq))
+
+
+def build_strategy(spec: StrategySpec) -> Strategy:
+    """The strategy a job spec names, with its settings."""
+    adaptive = {
+        "server_learning_rate": spec.server_learning_rate,
+        "beta1": spec.beta1,
+        "beta2": spec.beta2,
+        "tau": spec.tau,
+    }
+    match spec.name:
+        case "fedavg":
+            return FedAvg()
+        case "fedprox":
+            return FedProx(spec.proximal_mu)
+        case "fedavgm":
+            return FedAvgM(
+                server_learning_rate=spec.server_learning_rate,
+                server_momentum=spec.server_momentum,
+            )
+        case "fedadam":
+            return FedAdam(**adaptive)
+        case "fedyogi":
+            return FedYogi(**adaptive)
+        case "fedadagrad":
+            return FedAdagrad(**adaptive)
+    raise AssertionError(f"unhandled strategy {spec.name}")  # the spec's Literal forbids this

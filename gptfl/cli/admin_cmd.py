@@ -1,0 +1,167 @@
+"""``gptfl admin ...``: submit and watch jobs on a coordinator with the admin certificate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gptfl.admin_client import AdminClient, StatusView, describe_rpc_error
+from gptfl.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_UNAVAILABLE
+from gptfl.job_spec import load_job_spec
+from gptfl.tls_config import TlsConfig
+
+DEFAULT_ADDRESS = "127.0.0.1:50052"
+
+
+def register(subparsers: Any) -> None:
+    admin = subparsers.add_parser("admin", help="talk to a coordinator's admin API")
+    admin.add_argument(
+        "--coordinator", default=DEFAULT_ADDRESS, help=f"admin address (default {DEFAULT_ADDRESS})"
+    )
+    admin.add_argument(
+        "--certs",
+        type=Path,
+        default=Path("pki/admin"),
+        help="folder with ca.pem, cert.pem, key.pem of the admin identity (default pki/admin)",
+    )
+    admin.add_argument("--server-name", help="TLS name of the coordinator, if not its address")
+    admin.add_argument("--insecure", action="store_true", help="plaintext (development only)")
+    admin.set_defaults(handler=lambda _a: _help(admin))
+    commands = admin.add_subparsers(dest="admin_command", metavar="ACTION")
+
+    submit = commands.add_parser("submit", help="validate and submit a job spec")
+    submit.add_argument("spec", type=Path, help="job.yaml")
+    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    submit.set_defaults(handler=_with_client(_submit))
+
+    status = commands.add_parser("status", help="job, round, silos seen, last metrics")
+    status.add_argument("--watch", action="store_true", help="follow the job until it ends")
+    status.set_defaults(handler=_with_client(_status))
+
+    silos = commands.add_parser("silos", help="the silos the coordinator has seen")
+    silos.set_defaults(handler=_with_client(_silos))
+
+    stop = commands.add_parser("stop", help="stop the running job")
+    stop.add_argument("--reason", default="stopped by admin")
+    stop.set_defaults(handler=_with_client(_stop))
+
+    download = commands.add_parser("download-model", help="save the global model (safetensors)")
+    download.add_argument("out", type=Path, help="where to write model.safetensors")
+    download.set_defaults(handler=_with_client(_download))
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _with_client(
+    action: Callable[[AdminClient, argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        tls = None if args.insecure else TlsConfig.from_dir(args.certs).files()
+        try:
+            with AdminClient(args.coordinator, tls=tls, server_name=args.server_name) as client:
+                return action(client, args)
+        except grpc.RpcError as exc:
+            print(f"gptfl admin: {describe_rpc_error(exc)}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+
+    return handler
+
+
+def _submit(client: AdminClient, args: argparse.Namespace) -> int:
+    spec = load_job_spec(args.spec)  # validate locally first: errors name the key at once
+    job_id = client.submit(args.spec.read_text())
+    print(f"submitted job {job_id}: {spec.rounds} rounds of {spec.strategy.name}")
+    return follow(client) if args.wait else EXIT_OK
+
+
+def _status(client: AdminClient, args: argparse.Namespace) -> int:
+    if args.watch:
+        return follow(client)
+    print_status(client.status())
+    return EXIT_OK
+
+
+def _silos(client: AdminClient, _args: argparse.Namespace) -> int:
+    silos = client.silos()
+    if not silos:
+        print("no silo has connected yet")
+        return EXIT_OK
+    print(f"{'silo':<20} {'connected':<9} {'state':<12} {'rounds':>6} {'last seen':>10}")
+    now = time.time()
+    for s in silos:
+        ago = f"{now - s.last_seen_unix:.0f}s ago"
+        print(
+            f"{s.silo_id:<20} {'yes' if s.connected else 'no':<9} {s.state:<12} "
+            f"{s.rounds_participated:>6} {ago:>10}"
+        )
+    return EXIT_OK
+
+
+def _stop(client: AdminClient, args: argparse.Namespace) -> int:
+    print(f"job is now {client.stop(args.reason)}")
+    return EXIT_OK
+
+
+def _download(client: AdminClient, args: argparse.Namespace) -> int:
+    params = client.download_model_to(args.out)
+    print(f"wrote {args.out} ({params} parameters)")
+    return EXIT_OK
+
+
+def _pct(metrics: dict[str, float], key: str) -> str:
+    return f"{100 * metrics[key]:6.2f}%" if key in metrics else "      -"
+
+
+def print_status(status: StatusView) -> None:
+    if not status.job_id:
+        print(f"no job; {status.silos_connected} silos connected")
+        return
+    print(
+        f"job {status.job_id}: {status.phase}, round {status.round}/{status.total_rounds}, "
+        f"{status.silos_connected} silos connected"
+    )
+    if status.message:
+        print(f"  {status.message}")
+    if status.rounds:
+        last = status.rounds[-1]
+        print(
+            f"  last round {last.round}: "
+            f"test accuracy {_pct(last.server, 'test_accuracy').strip()}, "
+            f"federated accuracy {_pct(last.federated, 'accuracy').strip()}, "
+            f"{last.updates_accepted}/{last.silos_selected} updates, {last.seconds:.2f}s"
+        )
+
+
+def follow(
+    client: AdminClient, *, interval_s: float = 0.5, out: Callable[[str], None] = print
+) -> int:
+    """Prints a line per finished round until the job ends; returns an exit code."""
+    printed = 0
+    last_message = ""
+    while True:
+        status = client.status()
+        for r in status.rounds[printed:]:
+            out(
+                f"round {r.round:>3}/{status.total_rounds}: "
+                f"test acc {_pct(r.server, 'test_accuracy')}"
+                f"  loss {r.server.get('test_loss', float('nan')):.4f}  federated acc "
+                f"{_pct(r.federated, 'accuracy')}  updates {r.updates_accepted}/{r.silos_selected}"
+                f"  {r.seconds:5.2f}s"
+            )
+        printed = len(status.rounds)
+        if status.message != last_message and not status.ended:
+            last_message = status.message
+            out(f"  {status.phase}: {status.message}")
+        if status.ended:
+            out(f"job {status.job_id} {status.phase}: {status.message}")
+            return EXIT_OK if status.phase == "finished" else EXIT_JOB_FAILED
+        time.sleep(interval_s)

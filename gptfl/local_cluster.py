@@ -1,0 +1,240 @@
+"""A whole federation on one machine: a dev PKI, a coordinator and silo agents as separate
+processes on 127.0.0.1 over mutual TLS.
+
+``make demo``, the integration tests and the benchmarks all start their federations through
+this one class, so they exercise exactly what an operator runs (the real entry points and
+config files), not an in-process imitation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gptfl.admin_client import AdminClient
+from gptfl.pki import init_pki, participant_files
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS_FILE = "endpoints.json"
+
+
+@dataclass(frozen=True)
+class SiloPlan:
+    """One silo to start: its id and the ``data:`` section of its config."""
+
+    silo_id: str
+    data: Mapping[str, Any]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    fleet_port: int
+    admin_port: int
+    metrics_port: int | None
+
+    @property
+    def fleet(self) -> str:
+        return f"127.0.0.1:{self.fleet_port}"
+
+    @property
+    def admin(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
+
+
+class ClusterError(RuntimeError):
+    """A process of the local federation failed to start or stop."""
+
+
+class LocalCluster:
+    """Starts and stops the processes of a local federation (see the module docstring)."""
+
+    def __init__(
+        self,
+        work_dir: Path,
+        *,
+        silos: Sequence[SiloPlan],
+        runs_dir: Path | None = None,
+        coordinator_extra: Mapping[str, Any] | None = None,
+        torch_threads: int = 1,
+        metrics: bool = False,
+    ) -> None:
+        self.work_dir = work_dir
+        self.silos = list(silos)
+        self.runs_dir = runs_dir or work_dir / "runs"
+        self._coordinator_extra = dict(coordinator_extra or {})
+        self._metrics = metrics
+        self._env = {
+            **os.environ,
+            # Several trainers share the machine: one thread each avoids oversubscription.
+            "OMP_NUM_THREADS": str(torch_threads),
+            "MKL_NUM_THREADS": str(torch_threads),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.pki_dir = work_dir / "pki"
+        self.logs_dir = work_dir / "logs"
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.endpoints: Endpoints | None = None
+        self.silo_metrics_ports: dict[str, int] = {}
+
+    # ---- set-up ----------------------------------------------------------------------------
+
+    def provision(self) -> None:
+        """Creates the dev PKI (CA, coordinator, admin and one identity per silo)."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(exist_ok=True)
+        if not (self.pki_dir / "ca" / "ca.pem").exists():
+            init_pki(
+                self.pki_dir,
+                coordinator_hosts=["127.0.0.1", "localhost"],
+                silos=[s.silo_id for s in self.silos],
+            )
+
+    def _tls(self, role: str, name: str | None = None) -> dict[str, str]:
+        files = participant_files(self.pki_dir, role, name)
+        return {"ca": str(files.ca), "cert": str(files.cert), "key": str(files.key)}
+
+    def _spawn(self, name: str, module: str, config: Path) -> subprocess.Popen[bytes]:
+        log_file = open(self.logs_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, "--config", str(config)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=self._env,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches the demo, which stops us
+        )
+        log_file.close()
+        self.processes[name] = process
+        return process
+
+    # ---- coordinator -----------------------------------------------------------------------
+
+    def start_coordinator(self, *, timeout_s: float = 120.0) -> Endpoints:
+        """Starts the coordinator on free ports and waits until it has bound them."""
+        state_dir = self.work_dir / "coordinator-state"
+        endpoints_file = state_dir / ENDPOINTS_FILE
+        endpoints_file.unlink(missing_ok=True)
+        config = {
+            "fleet_address": "127.0.0.1:0",
+            "admin_address": "127.0.0.1:0",
+            "metrics_address": "127.0.0.1:0" if self._metrics else "",
+            "tls": self._tls("coordinator"),
+            "state_dir": str(state_dir),
+            "runs_dir": str(self.runs_dir),
+            "heartbeat_interval_s": 2.0,
+            **self._coordinator_extra,
+        }
+        path = self.work_dir / "coordinator.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        process = self._spawn("coordinator", "coordinator.main", path)
+        deadline = time.monotonic() + timeout_s
+        while not endpoints_file.exists():
+            if process.poll() is not None:
+                raise ClusterError(
+                    f"the coordinator exited with code {process.returncode}; see "
+                    f"{self.logs_dir / 'coordinator.log'}"
+                )
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the coordinator did not start within {timeout_s:g}s")
+            time.sleep(0.05)
+        data = json.loads(endpoints_file.read_text())
+        self.endpoints = Endpoints(data["fleet_port"], data["admin_port"], data["metrics_port"])
+        return self.endpoints
+
+    def admin(self) -> AdminClient:
+        assert self.endpoints is not None, "start the coordinator first"
+        files = participant_files(self.pki_dir, "admin")
+        return AdminClient(self.endpoints.admin, tls=files)
+
+    # ---- silos -----------------------------------------------------------------------------
+
+    def silo_config(self, plan: SiloPlan) -> dict[str, Any]:
+        assert self.endpoints is not None, "start the coordinator first"
+        config: dict[str, Any] = {
+            "coordinator": self.endpoints.fleet,
+            "tls": self._tls("silo", plan.silo_id),
+            "state_dir": str(self.work_dir / "silos" / plan.silo_id),
+            "data": dict(plan.data),
+            "exit_after_job": True,
+            "poll_wait_s": 10,
+            "reconnect": {"initial_backoff_s": 0.2, "max_backoff_s": 2.0},
+        }
+        if self._metrics:
+            config["metrics_address"] = "127.0.0.1:0"
+        config.update(plan.extra)
+        return config
+
+    def start_silos(self, silo_ids: Sequence[str] | None = None) -> None:
+        wanted = set(silo_ids) if silo_ids is not None else {s.silo_id for s in self.silos}
+        for plan in self.silos:
+            if plan.silo_id not in wanted:
+                continue
+            path = self.work_dir / f"silo-{plan.silo_id}.yaml"
+            path.write_text(yaml.safe_dump(self.silo_config(plan), sort_keys=False))
+            self._spawn(plan.silo_id, "silo_agent.main", path)
+
+    # ---- tear-down -------------------------------------------------------------------------
+
+    def wait_silos(self, timeout_s: float) -> dict[str, int | None]:
+        """Waits for the silo processes to exit on their own (exit_after_job)."""
+        deadline = time.monotonic() + timeout_s
+        codes: dict[str, int | None] = {}
+        for name, process in self.processes.items():
+            if name == "coordinator":
+                continue
+            try:
+                codes[name] = process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                codes[name] = None
+        return codes
+
+    def stop(self, *, timeout_s: float = 30.0) -> dict[str, int]:
+        """SIGTERM every process (silos first), then SIGKILL what is left after the timeout."""
+        order = [n for n in self.processes if n != "coordinator"] + (
+            ["coordinator"] if "coordinator" in self.processes else []
+        )
+        for name in order:
+            process = self.processes[name]
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        codes: dict[str, int] = {}
+        for name in order:
+            process = self.processes[name]
+            try:
+                codes[name] = process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs; killing it", name, timeout_s)
+                process.kill()
+                codes[name] = process.wait()
+        return codes
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (chaos and resume tests)."""
+        process = self.processes[name]
+        process.kill()
+        process.wait()
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.logs_dir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

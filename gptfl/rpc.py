@@ -1,0 +1,173 @@
+"""gRPC plumbing in one place: options, mutual-TLS credentials, channels, servers, errors.
+
+Every channel and server in GPT-FL is built here, so keepalive, message sizes, TLS and the
+health service are configured the same way everywhere. Plaintext exists only when a caller
+passes ``tls=None`` explicitly (the ``--insecure`` flags), and it logs a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from gptfl.errors import GptflError
+from gptfl.pki import TlsFiles
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default; weights move in 1 MiB chunks and never need more
+
+_COMMON_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+_SERVER_OPTIONS: list[tuple[str, Any]] = [
+    *_COMMON_OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.so_reuseport", 0),
+]
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    *_COMMON_OPTIONS,
+    ("grpc.enable_retries", 0),  # GPT-FL retries idempotent calls itself, with jitter
+]
+
+
+def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
+    ca, cert, key = files.read()
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+
+
+def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
+    """Server credentials that require a client certificate signed by ``files.ca``."""
+    ca, cert, key = files.read()
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True
+    )
+
+
+def open_channel(
+    address: str, *, tls: TlsFiles | None, server_name: str | None = None
+) -> grpc.Channel:
+    """A channel to ``address``: mutual TLS with ``tls``, plaintext (with a warning) without."""
+    options = list(_CHANNEL_OPTIONS)
+    if tls is None:
+        log.warning(
+            "plaintext channel to %s: --insecure was given; do not use in production", address
+        )
+        return grpc.insecure_channel(address, options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(address, channel_credentials(tls), options=options)
+
+
+@dataclass
+class Server:
+    """A gRPC server with the standard health service, bound to one address."""
+
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+    address: str
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self.health.set("", status)
+
+    def stop(self, grace_s: float) -> None:
+        """NOT_SERVING, then stop taking calls and let in-flight ones finish within grace."""
+        self.set_serving(False)
+        self.server.stop(grace_s).wait()
+
+
+def start_server(
+    address: str,
+    *,
+    tls: TlsFiles | None,
+    register: Callable[[grpc.Server], None],
+    max_workers: int = 64,
+    name: str = "grpc",
+) -> Server:
+    """Builds, binds and starts a server; ``register`` adds the servicers.
+
+    An address ending in ``:0`` binds an ephemeral port (tests); the bound port is returned.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name),
+        options=_SERVER_OPTIONS,
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    register(server)
+    if tls is None:
+        log.warning("%s server on %s is PLAINTEXT: --insecure was given", name, address)
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, server_credentials(tls))
+    if port == 0:
+        raise OSError(f"could not bind {name} server to {address}")
+    server.start()
+    host = address.rsplit(":", 1)[0]
+    handle = Server(server, health_servicer, port, f"{host}:{port}")
+    handle.set_serving(True)
+    return handle
+
+
+def start_health_server(address: str) -> Server:
+    """A plaintext server with only the health service.
+
+    Kubelet's gRPC probes cannot present client certificates, so probes target this port;
+    the owner flips it to NOT_SERVING together with its other servers on shutdown.
+    """
+    return start_server(address, tls=None, register=lambda _s: None, max_workers=4, name="health")
+
+
+def abort(context: grpc.ServicerContext, error: GptflError) -> NoReturn:
+    """Ends the call with the status and message of a domain error."""
+    context.abort(error.code, str(error))
+    raise AssertionError("unreachable: context.abort raises")  # for type checkers
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def maps_errors(method: F) -> F:
+    """Decorates a servicer method so that :class:`GptflError` becomes its gRPC status."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except GptflError as exc:
+            abort(context, exc)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def maps_stream_errors(method: F) -> F:
+    """Like :func:`maps_errors` for server-streaming methods (generators)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from method(self, request, context)
+        except GptflError as exc:
+            abort(context, exc)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,155 @@
+"""Conversions between wire messages (protobuf) and domain objects.
+
+The only module besides servicers and clients that touches generated protobuf classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import pydantic
+
+from gptfl.errors import ValidationError
+from gptfl.models.spec import ModelSpec
+from gptfl.proto.v1 import common_pb2, fleet_pb2
+from gptfl.task import LocalSettings, TaskKind, TaskSpec
+from gptfl.weights import Chunk, Manifest, TensorInfo
+
+
+def manifest_to_pb(manifest: Manifest) -> common_pb2.Manifest:
+    return common_pb2.Manifest(
+        tensors=[
+            common_pb2.TensorInfo(
+                name=t.name, shape=list(t.shape), dtype=t.dtype, offset=t.offset, nbytes=t.nbytes
+            )
+            for t in manifest.tensors
+        ],
+        total_bytes=manifest.total_bytes,
+        sha256=manifest.sha256,
+        chunk_size=manifest.chunk_size,
+    )
+
+
+def manifest_from_pb(pb: common_pb2.Manifest) -> Manifest:
+    return Manifest(
+        tensors=tuple(
+            TensorInfo(t.name, tuple(int(d) for d in t.shape), t.dtype, t.offset, t.nbytes)
+            for t in pb.tensors
+        ),
+        total_bytes=pb.total_bytes,
+        sha256=pb.sha256,
+        chunk_size=pb.chunk_size,
+    )
+
+
+def chunk_to_pb(chunk: Chunk) -> common_pb2.Chunk:
+    return common_pb2.Chunk(
+        index=chunk.index, offset=chunk.offset, data=chunk.data, crc32=chunk.crc32
+    )
+
+
+def chunk_from_pb(pb: common_pb2.Chunk) -> Chunk:
+    return Chunk(index=pb.index, offset=pb.offset, data=pb.data, crc32=pb.crc32)
+
+
+def metrics_to_pb(values: Mapping[str, float]) -> common_pb2.Metrics:
+    return common_pb2.Metrics(values={k: float(v) for k, v in values.items()})
+
+
+def metrics_from_pb(pb: common_pb2.Metrics) -> dict[str, float]:
+    return dict(pb.values)
+
+
+def weight_stream_to_pb(
+    manifest: Manifest, chunks: Iterator[Chunk]
+) -> Iterator[common_pb2.WeightStreamPart]:
+    """A weight stream on the wire: the manifest, then each chunk."""
+    yield common_pb2.WeightStreamPart(manifest=manifest_to_pb(manifest))
+    for chunk in chunks:
+        yield common_pb2.WeightStreamPart(chunk=chunk_to_pb(chunk))
+
+
+def split_weight_stream(
+    parts: Iterator[common_pb2.WeightStreamPart],
+) -> tuple[Manifest, Iterator[Chunk]]:
+    """Reads the leading manifest of a weight stream; returns it and the chunk iterator."""
+    first = next(parts, None)
+    if first is None or first.WhichOneof("part") != "manifest":
+        raise ValidationError("a weight stream must start with its manifest")
+    manifest = manifest_from_pb(first.manifest)
+
+    def chunks() -> Iterator[Chunk]:
+        for part in parts:
+            if part.WhichOneof("part") != "chunk":
+                raise ValidationError("only chunks may follow the manifest in a weight stream")
+            yield chunk_from_pb(part.chunk)
+
+    return manifest, chunks()
+
+
+_TASK_KINDS = {
+    TaskKind.TRAIN: fleet_pb2.TASK_KIND_TRAIN,
+    TaskKind.EVALUATE: fleet_pb2.TASK_KIND_EVALUATE,
+}
+
+
+def task_to_pb(task: TaskSpec) -> fleet_pb2.Task:
+    local = task.local
+    spec = task.model_spec
+    return fleet_pb2.Task(
+        task_id=task.task_id,
+        job_id=task.job_id,
+        round=task.round,
+        kind=_TASK_KINDS[task.kind],
+        model=fleet_pb2.ModelSpec(
+            arch=spec.arch,
+            num_classes=spec.num_classes,
+            in_channels=spec.in_channels,
+            image_size=spec.image_size,
+        ),
+        model_sha256=task.model_sha256,
+        train=fleet_pb2.TrainConfig(
+            local_epochs=local.epochs,
+            batch_size=local.batch_size,
+            learning_rate=local.learning_rate,
+            momentum=local.momentum,
+            weight_decay=local.weight_decay,
+            proximal_mu=local.proximal_mu,
+            seed=local.seed,
+        ),
+        deadline_unix_ms=int(task.deadline_unix * 1000),
+    )
+
+
+def task_from_pb(pb: fleet_pb2.Task) -> TaskSpec:
+    kinds = {v: k for k, v in _TASK_KINDS.items()}
+    if pb.kind not in kinds:
+        raise ValidationError(f"task {pb.task_id} has an unknown kind {pb.kind}")
+    try:
+        model_spec = ModelSpec(
+            arch=pb.model.arch,
+            num_classes=pb.model.num_classes,
+            in_channels=pb.model.in_channels,
+            image_size=pb.model.image_size,
+        )
+    except pydantic.ValidationError as exc:
+        raise ValidationError(f"task {pb.task_id} has an invalid model spec: {exc}") from None
+    t = pb.train
+    return TaskSpec(
+        task_id=pb.task_id,
+        job_id=pb.job_id,
+        round=pb.round,
+        kind=kinds[pb.kind],
+        model_spec=model_spec,
+        model_sha256=pb.model_sha256,
+        local=LocalSettings(
+            epochs=t.local_epochs,
+            batch_size=t.batch_size,
+            learning_rate=t.learning_rate,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+            proximal_mu=t.proximal_mu,
+            seed=t.seed,
+        ),
+        deadline_unix=pb.deadline_unix_ms / 1000,
+    )

@@ -1,0 +1,366 @@
+"""Model weights as a checksummed byte payload that moves in chunks.
+
+A weight map (tensor name -> tensor) is laid out as one payload: each tensor's bytes, C order,
+little-endian, at a 64-byte aligned offset (so the receiver can view tensors in place without
+copying). A :class:`Manifest` describes the layout and carries the sha256 of the whole
+payload; the payload then moves as :class:`Chunk` objects of at most :data:`MAX_CHUNK_BYTES`,
+each with a crc32. :class:`PayloadReceiver` checks everything a peer could get wrong (names,
+shapes, dtypes, sizes, order, checksums, finiteness) before any tensor is handed out.
+
+This module knows nothing of protobuf; :mod:`gptfl.serde` converts to and from the wire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gptfl.errors import (
+    ChecksumError,
+    ChunkOrderError,
+    ManifestMismatchError,
+    NonFiniteError,
+    ResourceLimitError,
+    ValidationError,
+)
+
+MAX_CHUNK_BYTES = 1 << 20  # 1 MiB: far below gRPC's default 4 MiB message limit
+ALIGNMENT = 64
+DEFAULT_MAX_PAYLOAD_BYTES = 8 << 30
+
+WeightMap = dict[str, torch.Tensor]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a torch dtype (``torch.float32`` -> ``"float32"``)."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ValidationError(f"unsupported tensor dtype {dtype}") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a wire name; unknown names are a :class:`ValidationError`."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValidationError(
+            f"unknown dtype {name!r}; expected one of {', '.join(sorted(_DTYPES))}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a tensor must be: name, shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's place in a payload."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int
+    nbytes: int
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.shape, self.dtype)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The layout and digest of a weight payload."""
+
+    tensors: tuple[TensorInfo, ...]
+    total_bytes: int
+    sha256: str
+    chunk_size: int = MAX_CHUNK_BYTES
+
+    @property
+    def specs(self) -> tuple[TensorSpec, ...]:
+        return tuple(t.spec for t in self.tensors)
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.total_bytes / self.chunk_size) if self.total_bytes else 0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One slice of a payload, in order."""
+
+    index: int
+    offset: int
+    data: bytes
+    crc32: int
+
+
+def specs_of(weights: Mapping[str, torch.Tensor]) -> tuple[TensorSpec, ...]:
+    """The name/shape/dtype of each tensor, in the map's order."""
+    return tuple(
+        TensorSpec(name, tuple(t.shape), dtype_name(t.dtype)) for name, t in weights.items()
+    )
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // ALIGNMENT) * ALIGNMENT
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    array: Any = flat.view(torch.uint8).numpy()
+    return memoryview(array)
+
+
+def _layout(weights: Mapping[str, torch.Tensor]) -> tuple[list[TensorInfo], int]:
+    infos = []
+    offset = 0
+    for name, tensor in weights.items():
+        offset = _aligned(offset)
+        nbytes = tensor.numel() * tensor.element_size()
+        infos.append(
+            TensorInfo(name, tuple(tensor.shape), dtype_name(tensor.dtype), offset, nbytes)
+        )
+        offset += nbytes
+    return infos, offset
+
+
+def _segments(
+    weights: Mapping[str, torch.Tensor], infos: Sequence[TensorInfo]
+) -> Iterator[memoryview]:
+    """The payload as a sequence of byte views: padding, tensor bytes, padding, ..."""
+    position = 0
+    for info, tensor in zip(infos, weights.values(), strict=True):
+        if info.offset > position:
+            yield memoryview(bytes(info.offset - position))
+        yield _byte_view(tensor)
+        position = info.offset + info.nbytes
+
+
+def build_manifest(
+    weights: Mapping[str, torch.Tensor], *, chunk_size: int = MAX_CHUNK_BYTES
+) -> Manifest:
+    """Lays out ``weights`` and hashes the payload (one pass over the bytes, no copy)."""
+    if not 0 < chunk_size <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_size must be in (0, {MAX_CHUNK_BYTES}], got {chunk_size}")
+    infos, total = _layout(weights)
+    digest = hashlib.sha256()
+    for segment in _segments(weights, infos):
+        digest.update(segment)
+    return Manifest(tuple(infos), total, digest.hexdigest(), chunk_size)
+
+
+def iter_chunks(weights: Mapping[str, torch.Tensor], manifest: Manifest) -> Iterator[Chunk]:
+    """Cuts the payload of ``weights`` (laid out as in ``manifest``) into checksummed chunks."""
+    size = manifest.chunk_size
+    pending: list[memoryview] = []
+    pending_bytes = 0
+    index = 0
+    offset = 0
+
+    def emit(data: bytes) -> Chunk:
+        nonlocal index, offset
+        chunk = Chunk(index, offset, data, zlib.crc32(data))
+        index += 1
+        offset += len(data)
+        return chunk
+
+    for segment in _segments(weights, manifest.tensors):
+        start = 0
+        while start < len(segment):
+            take = min(size - pending_bytes, len(segment) - start)
+            pending.append(segment[start : start + take])
+            pending_bytes += take
+            start += take
+            if pending_bytes == size:
+                yield emit(b"".join(pending))
+                pending, pending_bytes = [], 0
+    if pending_bytes:
+        yield emit(b"".join(pending))
+
+
+def check_manifest(
+    manifest: Manifest,
+    *,
+    expected: Sequence[TensorSpec] | None = None,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> None:
+    """Checks a peer's manifest for consistency and, when given, against ``expected``.
+
+    Raises:
+        ManifestMismatchError: names, shapes or dtypes differ from ``expected``.
+        ValidationError: the layout is inconsistent (overlaps, sizes, digest format).
+        ResourceLimitError: the payload is larger than ``max_bytes``.
+    """
+    if manifest.total_bytes > max_bytes:
+        raise ResourceLimitError(
+            f"payload of {manifest.total_bytes} bytes exceeds the limit of {max_bytes}"
+        )
+    if not 0 < manifest.chunk_size <= MAX_CHUNK_BYTES:
+        raise ValidationError(f"chunk_size {manifest.chunk_size} is outside (0, {MAX_CHUNK_BYTES}]")
+    if len(manifest.sha256) != 64 or any(c not in "0123456789abcdef" for c in manifest.sha256):
+        raise ValidationError("manifest sha256 is not a 64-digit lowercase hex digest")
+    position = 0
+    seen: set[str] = set()
+    for info in manifest.tensors:
+        if info.name in seen:
+            raise ValidationError(f"tensor {info.name!r} appears twice in the manifest")
+        seen.add(info.name)
+        if any(d < 0 for d in info.shape):
+            raise ValidationError(f"tensor {info.name!r} has a negative dimension {info.shape}")
+        itemsize = torch.empty((), dtype=torch_dtype(info.dtype)).element_size()
+        if info.nbytes != math.prod(info.shape) * itemsize:
+            raise ValidationError(
+                f"tensor {info.name!r}: nbytes {info.nbytes} does not match shape "
+                f"{list(info.shape)} of {info.dtype}"
+            )
+        if info.offset < position or info.offset % ALIGNMENT:
+            raise ValidationError(
+                f"tensor {info.name!r}: offset {info.offset} overlaps or is unaligned"
+            )
+        position = info.offset + info.nbytes
+    if position > manifest.total_bytes:
+        raise ValidationError(
+            f"tensors end at byte {position}, past total_bytes {manifest.total_bytes}"
+        )
+    if manifest.total_bytes - position >= ALIGNMENT:
+        raise ValidationError("total_bytes has trailing space no tensor uses")
+    if expected is not None:
+        _compare_specs(manifest.specs, tuple(expected))
+
+
+def _compare_specs(got: tuple[TensorSpec, ...], want: tuple[TensorSpec, ...]) -> None:
+    """Same names (in any order), and each with the expected shape and dtype."""
+    got_by_name = {s.name: s for s in got}
+    want_by_name = {s.name: s for s in want}
+    missing = sorted(want_by_name.keys() - got_by_name.keys())
+    extra = sorted(got_by_name.keys() - want_by_name.keys())
+    if missing or extra:
+        raise ManifestMismatchError(
+            f"tensor names differ from the expected model: missing {missing[:3]}, "
+            f"unexpected {extra[:3]}"
+        )
+    for name, w in want_by_name.items():
+        g = got_by_name[name]
+        if g.shape != w.shape:
+            raise ManifestMismatchError(
+                f"tensor {name!r} has shape {list(g.shape)}, expected {list(w.shape)}"
+            )
+        if g.dtype != w.dtype:
+            raise ManifestMismatchError(f"tensor {name!r} has dtype {g.dtype}, expected {w.dtype}")
+
+
+class PayloadReceiver:
+    """Reassembles a payload chunk by chunk and verifies it before handing out tensors.
+
+    Memory: one buffer of ``total_bytes``; the tensors returned by :meth:`finish` are views
+    into it, so a received model costs one copy of its size.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        expected: Sequence[TensorSpec] | None = None,
+        max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        check_manifest(manifest, expected=expected, max_bytes=max_bytes)
+        self.manifest = manifest
+        self._buffer = bytearray(manifest.total_bytes)
+        self._view = memoryview(self._buffer)
+        self._digest = hashlib.sha256()
+        self._received = 0
+        self._next_index = 0
+
+    @property
+    def received_bytes(self) -> int:
+        return self._received
+
+    def add(self, chunk: Chunk) -> None:
+        """Adds the next chunk; raises on order, size or crc32 problems."""
+        size = len(chunk.data)
+        if chunk.index != self._next_index or chunk.offset != self._received:
+            raise ChunkOrderError(
+                f"chunk {chunk.index} at offset {chunk.offset} arrived out of order; expected "
+                f"chunk {self._next_index} at offset {self._received}"
+            )
+        if size == 0 or size > self.manifest.chunk_size:
+            raise ChunkOrderError(
+                f"chunk {chunk.index} holds {size} bytes; chunks hold 1 to "
+                f"{self.manifest.chunk_size}"
+            )
+        if self._received + size > self.manifest.total_bytes:
+            raise ChunkOrderError(
+                f"chunk {chunk.index} runs past the declared {self.manifest.total_bytes} bytes"
+            )
+        if zlib.crc32(chunk.data) != chunk.crc32:
+            raise ChecksumError(f"chunk {chunk.index} failed its crc32 check")
+        self._view[self._received : self._received + size] = chunk.data
+        self._digest.update(chunk.data)
+        self._received += size
+        self._next_index += 1
+
+    def finish(self, *, require_finite: bool = True) -> WeightMap:
+        """Verifies completeness, the sha256 and (optionally) finiteness; returns the tensors."""
+        if self._received != self.manifest.total_bytes:
+            raise ChunkOrderError(
+                f"stream ended after {self._received} of {self.manifest.total_bytes} bytes"
+            )
+        if self._digest.hexdigest() != self.manifest.sha256:
+            raise ChecksumError("payload sha256 does not match the manifest")
+        weights: WeightMap = {}
+        for info in self.manifest.tensors:
+            dtype = torch_dtype(info.dtype)
+            count = math.prod(info.shape)
+            if count == 0:
+                tensor = torch.empty(info.shape, dtype=dtype)
+            else:
+                tensor = torch.frombuffer(
+                    self._buffer, dtype=dtype, count=count, offset=info.offset
+                ).reshape(info.shape)
+            if require_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise NonFiniteError(f"tensor {info.name!r} holds NaN or infinite values")
+            weights[info.name] = tensor
+        return weights
+
+
+def receive_all(
+    manifest: Manifest,
+    chunks: Iterator[Chunk],
+    *,
+    expected: Sequence[TensorSpec] | None = None,
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> WeightMap:
+    """Convenience: feeds every chunk to a :class:`PayloadReceiver` and finishes it."""
+    receiver = PayloadReceiver(manifest, expected=expected, max_bytes=max_bytes)
+    for chunk in chunks:
+        receiver.add(chunk)
+    return receiver.finish()

@@ -1,0 +1,78 @@
+"""The silo agent's config file (silo.yaml); every key is in docs/silo-config.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+
+from gptfl.config_loading import StrictModel
+from gptfl.data.sources import DataSource, ImageFolderSource, NpzSource
+from gptfl.tls_config import TlsConfig
+
+ENV_PREFIX = "GPTFL_SILO"
+
+
+class DataConfig(StrictModel):
+    """The silo's private data. It is read here and never leaves the silo."""
+
+    train: DataSource
+    #: a separate evaluation set; without it, ``eval_fraction`` of ``train`` is held out
+    eval: DataSource | None = None
+    eval_fraction: float = pydantic.Field(0.1, ge=0, lt=1)
+    #: seed of the held-out split (fixed so the split stays the same across restarts)
+    split_seed: int = 0
+    resize_mode: Literal["stretch", "center-crop", "pad"] = "stretch"
+
+
+class ReconnectConfig(StrictModel):
+    initial_backoff_s: float = pydantic.Field(0.5, gt=0)
+    max_backoff_s: float = pydantic.Field(30.0, gt=0)
+
+
+class SiloConfig(StrictModel):
+    coordinator: str
+    #: TLS name to expect in the coordinator's certificate when it differs from the address
+    server_name: str | None = None
+    tls: TlsConfig | None = None
+    insecure: bool = False
+    #: only used in insecure mode, where no certificate names the silo
+    silo_id: str | None = None
+    state_dir: Path = Path("silo-state")
+    data: DataConfig
+    device: str = "auto"
+    metrics_address: str = ""
+    exit_after_job: bool = False
+    #: long-poll length of PullTask
+    poll_wait_s: float = pydantic.Field(20.0, gt=0, le=60)
+    reconnect: ReconnectConfig = ReconnectConfig()
+    log_format: Literal["text", "json"] = "text"
+
+    @pydantic.model_validator(mode="after")
+    def _tls_or_insecure(self) -> SiloConfig:
+        if self.tls is None and not self.insecure:
+            raise ValueError("tls is required unless insecure: true is set explicitly")
+        if self.insecure and not self.silo_id:
+            raise ValueError("insecure mode needs silo_id (no certificate names the silo)")
+        return self
+
+    def resolve_paths(self, base: Path) -> SiloConfig:
+        """Relative paths are relative to the config file's folder."""
+
+        def at(path: Path) -> Path:
+            return path if path.is_absolute() else base / path
+
+        def source(src: DataSource | None) -> DataSource | None:
+            if isinstance(src, ImageFolderSource | NpzSource):
+                return src.model_copy(update={"path": at(src.path)})
+            return src
+
+        tls = None
+        if self.tls is not None:
+            files = self.tls.files(base)
+            tls = TlsConfig(ca=files.ca, cert=files.cert, key=files.key)
+        data = self.data.model_copy(
+            update={"train": source(self.data.train), "eval": source(self.data.eval)}
+        )
+        return self.model_copy(update={"tls": tls, "state_dir": at(self.state_dir), "data": data})

@@ -1,0 +1,137 @@
+"""The silo's side of the Fleet API: typed calls with deadlines over one mTLS channel."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from gptfl import serde
+from gptfl.errors import ChecksumError
+from gptfl.proto.v1 import fleet_pb2, fleet_pb2_grpc
+from gptfl.task import TaskSpec
+from gptfl.weights import PayloadReceiver, WeightMap, build_manifest, iter_chunks, specs_of
+
+RPC_TIMEOUT_S = 30.0
+#: transfers get a deadline that grows with the payload (at least 10 MB/s assumed)
+TRANSFER_BASE_S = 60.0
+TRANSFER_BYTES_PER_S = 10e6
+
+
+@dataclass(frozen=True)
+class PullResult:
+    phase: int
+    job_id: str
+    task: TaskSpec | None
+    retry_after_s: float
+
+
+def transfer_timeout(nbytes: int) -> float:
+    return TRANSFER_BASE_S + nbytes / TRANSFER_BYTES_PER_S
+
+
+class FleetClient:
+    def __init__(
+        self, channel: grpc.Channel, *, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self._stub = fleet_pb2_grpc.FleetStub(channel)
+        self._metadata = metadata
+
+    def register(
+        self, *, agent_version: str, device: str, num_train: int, num_eval: int
+    ) -> fleet_pb2.RegisterReply:
+        reply: fleet_pb2.RegisterReply = self._stub.Register(
+            fleet_pb2.RegisterRequest(
+                agent_version=agent_version,
+                device=device,
+                num_train_examples=num_train,
+                num_eval_examples=num_eval,
+            ),
+            timeout=RPC_TIMEOUT_S,
+            metadata=self._metadata,
+            wait_for_ready=False,
+        )
+        return reply
+
+    def heartbeat(self, state: str) -> None:
+        self._stub.Heartbeat(
+            fleet_pb2.HeartbeatRequest(state=state), timeout=RPC_TIMEOUT_S, metadata=self._metadata
+        )
+
+    def pull_task(self, wait_s: float) -> PullResult:
+        reply: fleet_pb2.PullTaskReply = self._stub.PullTask(
+            fleet_pb2.PullTaskRequest(wait_ms=int(wait_s * 1000)),
+            timeout=wait_s + RPC_TIMEOUT_S,
+            metadata=self._metadata,
+        )
+        task = serde.task_from_pb(reply.task) if reply.HasField("task") else None
+        return PullResult(reply.phase, reply.job_id, task, reply.retry_after_ms / 1000)
+
+    def download_model(self, task: TaskSpec, *, expected: Mapping[str, torch.Tensor]) -> WeightMap:
+        """Downloads and verifies the task's model; it must fit ``expected``'s tensors."""
+        parts = self._stub.DownloadModel(
+            fleet_pb2.DownloadModelRequest(task_id=task.task_id),
+            timeout=TRANSFER_BASE_S + 3600,
+            metadata=self._metadata,
+        )
+        manifest, chunks = serde.split_weight_stream(iter(parts))
+        if manifest.sha256 != task.model_sha256:
+            raise ChecksumError("the downloaded model is not the one the task names")
+        receiver = PayloadReceiver(manifest, expected=specs_of(expected))
+        for chunk in chunks:
+            receiver.add(chunk)
+        return receiver.finish()
+
+    def upload_update(
+        self,
+        task: TaskSpec,
+        weights: Mapping[str, torch.Tensor],
+        *,
+        num_examples: int,
+        metrics: Mapping[str, float],
+        train_seconds: float,
+    ) -> tuple[fleet_pb2.UploadReply, int]:
+        """Streams the trained weights; returns the reply and the payload bytes sent."""
+        manifest = build_manifest(weights)
+
+        def parts() -> Iterator[fleet_pb2.UploadPart]:
+            yield fleet_pb2.UploadPart(
+                header=fleet_pb2.UpdateHeader(
+                    task_id=task.task_id,
+                    round=task.round,
+                    num_examples=num_examples,
+                    train_metrics=serde.metrics_to_pb(metrics),
+                    train_seconds=train_seconds,
+                )
+            )
+            yield fleet_pb2.UploadPart(manifest=serde.manifest_to_pb(manifest))
+            for chunk in iter_chunks(weights, manifest):
+                yield fleet_pb2.UploadPart(chunk=serde.chunk_to_pb(chunk))
+
+        reply: fleet_pb2.UploadReply = self._stub.UploadUpdate(
+            parts(), timeout=transfer_timeout(manifest.total_bytes), metadata=self._metadata
+        )
+        return reply, manifest.total_bytes
+
+    def report_evaluation(
+        self, task: TaskSpec, *, num_examples: int, metrics: Mapping[str, float]
+    ) -> None:
+        self._stub.ReportEvaluation(
+            fleet_pb2.EvaluationReport(
+                task_id=task.task_id,
+                round=task.round,
+                num_examples=num_examples,
+                metrics=serde.metrics_to_pb(metrics),
+            ),
+            timeout=RPC_TIMEOUT_S,
+            metadata=self._metadata,
+        )
+
+    def decline(self, task: TaskSpec, reason: str) -> None:
+        self._stub.DeclineTask(
+            fleet_pb2.DeclineTaskRequest(task_id=task.task_id, reason=reason),
+            timeout=RPC_TIMEOUT_S,
+            metadata=self._metadata,
+        )

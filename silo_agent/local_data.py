@@ -1,0 +1,62 @@
+"""The silo's private data, loaded once per model input shape and split for evaluation."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from gptfl.data.dataset import ArrayDataset
+from gptfl.data.partition import split_fraction
+from gptfl.data.sources import load_source
+from gptfl.models.spec import ModelSpec
+from silo_agent.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalSplits:
+    train: ArrayDataset
+    eval: ArrayDataset
+
+
+class LocalData:
+    """Caches the silo's data per (channels, image size): silos stay warm between rounds."""
+
+    def __init__(self, config: DataConfig) -> None:
+        self._config = config
+        self._cache: dict[tuple[int, int], LocalSplits] = {}
+        self._lock = threading.Lock()
+
+    def for_model(self, spec: ModelSpec) -> LocalSplits:
+        key = (spec.in_channels, spec.image_size)
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = self._load(spec)
+            return self._cache[key]
+
+    def _load(self, spec: ModelSpec) -> LocalSplits:
+        cfg = self._config
+        shape = {"in_channels": spec.in_channels, "image_size": spec.image_size}
+        data = load_source(cfg.train, resize_mode=cfg.resize_mode, **shape)
+        if cfg.eval is not None:
+            train = data
+            evaluation = load_source(cfg.eval, resize_mode=cfg.resize_mode, **shape)
+        elif cfg.eval_fraction > 0:
+            kept, held = split_fraction(len(data), fraction=cfg.eval_fraction, seed=cfg.split_seed)
+            train, evaluation = data.subset(kept), data.subset(held)
+        else:
+            train = data
+            evaluation = data.subset(np.arange(0))
+        log.info(
+            "local data for %dx%dx%d inputs: %d training, %d evaluation examples",
+            spec.in_channels,
+            spec.image_size,
+            spec.image_size,
+            len(train),
+            len(evaluation),
+        )
+        return LocalSplits(train, evaluation)
