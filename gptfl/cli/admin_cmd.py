@@ -158,7 +158,7 @@ def follow(
                 f"  {r.seconds:5.2f}s"
             )
         printed = len(status.rounds)
-        if status.message != last_message and not status.ended:
+        if not status.rounds and status.message != last_message and not status.ended:
             last_message = status.message
             out(f"  {status.phase}: {status.message}")
         if status.ended:
