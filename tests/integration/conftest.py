@@ -1,0 +1,64 @@
+"""Fixtures that start real coordinators (in-process, port 0, mutual TLS) with a dev PKI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from coordinator.config import CoordinatorConfig
+from coordinator.job_runner import InitialModel
+from coordinator.server import Coordinator, start_coordinator
+from gptfl.pki import init_pki, participant_files
+from gptfl.rpc import open_channel
+from gptfl.tls_config import TlsConfig
+
+SILOS = ("silo-a", "silo-b", "silo-c")
+
+
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pki")
+    init_pki(path, coordinator_hosts=["127.0.0.1", "localhost"], silos=list(SILOS))
+    return path
+
+
+@pytest.fixture(scope="session")
+def foreign_pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("foreign-pki")
+    init_pki(path, coordinator_hosts=["127.0.0.1"], silos=list(SILOS))
+    return path
+
+
+StartCoordinator = Callable[..., Coordinator]
+
+
+@pytest.fixture
+def start(pki_dir: Path, tmp_path: Path) -> Iterator[StartCoordinator]:
+    """Starts in-process coordinators; all are stopped at the end of the test."""
+    started: list[Coordinator] = []
+
+    def _start(*, initial_model: InitialModel | None = None, **overrides: Any) -> Coordinator:
+        files = participant_files(pki_dir, "coordinator")
+        config = CoordinatorConfig(
+            fleet_address="127.0.0.1:0",
+            admin_address="127.0.0.1:0",
+            tls=TlsConfig(ca=files.ca, cert=files.cert, key=files.key),
+            state_dir=tmp_path / "state",
+            heartbeat_interval_s=1.0,
+            **overrides,
+        )
+        coordinator = start_coordinator(config, initial_model=initial_model)
+        started.append(coordinator)
+        return coordinator
+
+    yield _start
+    for coordinator in started:
+        coordinator.stop(grace_s=1)
+
+
+def silo_channel(pki_dir: Path, silo: str, port: int) -> grpc.Channel:
+    return open_channel(f"127.0.0.1:{port}", tls=participant_files(pki_dir, "silo", silo))
