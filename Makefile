@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv protos lint typecheck unit bench clean
+.PHONY: demo test venv protos lint typecheck images charts clean
 
 $(VENV)/.installed-dev: requirements/constraints.txt requirements/runtime.txt requirements/dev.txt pyproject.toml scripts/install.sh
 	scripts/install.sh $(VENV) dev
@@ -31,3 +31,12 @@ protos: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+## images: the CPU image (all entry points) and the CUDA synth image; needs a Docker engine
+images:
+	docker build -f deploy/docker/Dockerfile      -t gptfl:0.1.0      .
+	docker build -f deploy/docker/Dockerfile.cuda -t gptfl-cuda:0.1.0 .
+
+## charts: helm lint/template + kubernetes-validate for every chart and ci/ values file
+charts: venv
+	$(PY) scripts/check_charts.py
