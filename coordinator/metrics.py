@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from gptfl.errors import all_reasons
+
 ROUND_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 AGGREGATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -39,6 +41,25 @@ class CoordinatorMetrics:
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> CoordinatorMetrics:
         reg = registry if registry is not None else CollectorRegistry()
+        metrics = cls._build(reg)
+        # Series that exist from the start (at 0) make rates and alerts work before the
+        # first rejection, and keep dashboards from showing "no data".
+        for reason in all_reasons():
+            metrics.updates_rejected.labels(reason=reason)
+        for phase in (
+            "no_job",
+            "pending",
+            "pretrain",
+            "federating",
+            "finished",
+            "failed",
+            "stopped",
+        ):
+            metrics.job_phase.labels(phase=phase).set(1 if phase == "no_job" else 0)
+        return metrics
+
+    @classmethod
+    def _build(cls, reg: CollectorRegistry) -> CoordinatorMetrics:
         return cls(
             registry=reg,
             rounds_completed=Counter(

@@ -125,3 +125,14 @@ EXIT_JOB_FAILED = 5
 def grpc_status_of(error: GptflError) -> grpc.StatusCode:
     """The gRPC status code a domain error maps to."""
     return error.code
+
+
+def all_reasons() -> list[str]:
+    """Every ``reason`` label an error can carry (metrics pre-create these series)."""
+    seen: set[str] = set()
+    pending: list[type[GptflError]] = [GptflError]
+    while pending:
+        cls = pending.pop()
+        seen.add(cls.reason)
+        pending.extend(cls.__subclasses__())
+    return sorted(seen)

@@ -21,6 +21,14 @@ class SiloMetrics:
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> SiloMetrics:
         reg = registry if registry is not None else CollectorRegistry()
+        metrics = cls._build(reg)
+        for kind in ("train", "evaluate"):
+            for outcome in ("done", "failed", "rejected"):
+                metrics.tasks.labels(kind=kind, outcome=outcome)
+        return metrics
+
+    @classmethod
+    def _build(cls, reg: CollectorRegistry) -> SiloMetrics:
         return cls(
             registry=reg,
             train_seconds=Histogram(
