@@ -63,6 +63,7 @@ def start_coordinator(
         allowed=config.allowed_silos,
     )
     board = TaskBoard()
+    metrics.silos_connected.set_function(lambda: len(registry.connected()))
     extra = {"initial_model": initial_model} if initial_model is not None else {}
     jobs = JobManager(
         state_dir=config.state_dir,
