@@ -71,7 +71,13 @@ def save_checkpoint(
 
 
 def _prune(folder: Path, *, keep: int) -> None:
-    rounds = sorted(p for p in folder.glob("round-*") if p.is_dir())
+    # By number, not by name: "round-10000" sorts before "round-9999" as text.
+    numbered = {
+        int(p.name.removeprefix("round-")): p
+        for p in folder.glob("round-*")
+        if p.is_dir() and p.name.removeprefix("round-").isdigit()
+    }
+    rounds = [numbered[n] for n in sorted(numbered)]
     for old in rounds[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

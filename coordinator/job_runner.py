@@ -13,6 +13,7 @@ import math
 import random
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from coordinator.report import export_job
 from coordinator.silo_registry import SiloRegistry
 from coordinator.strategies import Strategy, build_strategy
 from coordinator.tasks import ModelVersion, TaskBoard, TaskRecord, TaskStatus
-from gptfl.errors import GptflError, ValidationError
+from gptfl.errors import GptflError, StaleTaskError, ValidationError
 from gptfl.job_spec import JobSpec
 from gptfl.task import LocalSettings, TaskKind
 from gptfl.weights import Chunk, Manifest, PayloadReceiver, WeightMap, build_manifest, iter_chunks
@@ -103,6 +104,7 @@ class JobRunner:
         self._strategy: Strategy = build_strategy(spec.strategy)
         self._evaluator: ServerEvaluator | None = None
         self._lock = threading.Lock()
+        self._fold_lock = threading.Lock()
         self._stop = threading.Event()
         self._stop_reason = ""
         self._suspended = False
@@ -195,10 +197,21 @@ class JobRunner:
                         receiver.add(chunk)
                         received.inc(len(chunk.data))
                     weights = receiver.finish()
-                    progress.total.add(weights, header.num_examples)
+                    # Closing the task and folding happen together, under the lock the round
+                    # takes to expire its tasks: an upload overtaken by the deadline is never
+                    # half counted.
+                    with self._fold_lock:
+                        folded = self._board.finish(task, TaskStatus.DONE)
+                        if folded:
+                            progress.total.add(weights, header.num_examples)
             except BaseException:
                 self._board.release(task)
                 raise
+            if not folded:
+                raise StaleTaskError(
+                    f"round {task.round} closed (deadline) before the upload of task "
+                    f"{task.task_id} completed"
+                )
             with self._lock:
                 progress.loss_sum += (
                     header.train_metrics.get("loss", math.nan) * header.num_examples
@@ -207,7 +220,6 @@ class JobRunner:
                 summary = self.state.silos.setdefault(silo_id, SiloSummary())
                 summary.rounds_participated += 1
                 summary.examples += header.num_examples
-            self._board.finish(task, TaskStatus.DONE)
             self._registry.record_participation(silo_id, header.num_examples)
             self._metrics.updates_accepted.inc()
             self._metrics.silo_last_round.labels(silo=silo_id).set(task.round)
@@ -230,9 +242,11 @@ class JobRunner:
                     raise ValidationError(f"evaluation report lacks a finite {key!r}")
             if result.num_examples <= 0:
                 raise ValidationError("evaluation report has no examples")
-            with self._lock:
-                self._eval_results[task.task_id] = result
-            self._board.finish(task, TaskStatus.DONE)
+            with self._fold_lock:
+                if not self._board.finish(task, TaskStatus.DONE):
+                    raise StaleTaskError(f"the evaluation of round {task.round} has closed")
+                with self._lock:
+                    self._eval_results[task.task_id] = result
         except GptflError as exc:
             self._count_rejection(silo_id, exc)
             raise
@@ -310,7 +324,6 @@ class JobRunner:
         announced = -1
         while not self._stop.is_set():
             connected = self._registry.connected()
-            self._metrics.silos_connected.set(len(connected))
             if len(connected) >= self.spec.min_silos:
                 return connected
             if len(connected) != announced:
@@ -347,7 +360,9 @@ class JobRunner:
             momentum=local.momentum,
             weight_decay=local.weight_decay,
             proximal_mu=overrides.get("proximal_mu", 0.0),
-            seed=hash((self.spec.seed, number, silo_id)) & 0x7FFFFFFF,
+            # crc32, not hash(): str hashes differ per process, and a restarted coordinator
+            # must hand out the same seeds.
+            seed=zlib.crc32(f"{self.spec.seed}:{number}:{silo_id}".encode()) & 0x7FFFFFFF,
         )
 
     def _make_tasks(self, number: int, kind: TaskKind, silos: list[str]) -> list[TaskRecord]:
@@ -384,7 +399,8 @@ class JobRunner:
         self._board.publish(tasks)
         deadline = time.monotonic() + self.spec.round_deadline_s
         self._board.wait_until(tasks, deadline, self._stop)
-        self._board.expire(tasks)
+        with self._fold_lock:
+            self._board.expire(tasks)
         if self._stop.is_set():
             self._board.retire(tasks)
             return
@@ -448,7 +464,8 @@ class JobRunner:
         tasks = self._make_tasks(number, TaskKind.EVALUATE, silos)
         self._board.publish(tasks)
         self._board.wait_until(tasks, time.monotonic() + self.spec.round_deadline_s, self._stop)
-        self._board.expire(tasks)
+        with self._fold_lock:
+            self._board.expire(tasks)
         self._board.retire(tasks)
         with self._lock:
             results = [
@@ -515,8 +532,6 @@ class JobRunner:
 
 
 def raise_stale(task: TaskRecord, claimed_round: int, current: int | None) -> None:
-    from gptfl.errors import StaleTaskError
-
     raise StaleTaskError(
         f"task {task.task_id} is for round {task.round} but the upload says round "
         f"{claimed_round}; the round in progress is {current}"

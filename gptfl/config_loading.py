@@ -32,10 +32,18 @@ class StrictModel(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
 
-def format_validation_error(error: pydantic.ValidationError, *, source: str) -> str:
-    """Turns pydantic's multi-line report into one line naming the first bad key."""
+def format_validation_error(
+    error: pydantic.ValidationError, *, source: str, data: Any = None
+) -> str:
+    """Turns pydantic's multi-line report into one line naming the first bad key.
+
+    With ``data`` (what was validated), the labels pydantic adds for union members (a
+    discriminator value such as ``npz``, or ``float``) are left out of the key path, so the
+    message names only keys that are in the file.
+    """
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    loc = tuple(first["loc"]) if data is None else _key_path(tuple(first["loc"]), data)
+    key = ".".join(str(part) for part in loc) or "<root>"
     if first["type"] == "extra_forbidden":
         detail = "unknown key"
     elif first["type"] == "missing":
@@ -45,6 +53,25 @@ def format_validation_error(error: pydantic.ValidationError, *, source: str) -> 
     more = len(error.errors()) - 1
     suffix = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
     return f"{source}: {key}: {detail}{suffix}"
+
+
+def _key_path(loc: tuple[int | str, ...], data: Any) -> tuple[int | str, ...]:
+    """``loc`` without the union-member labels: only the parts that walk through ``data``."""
+    path: list[int | str] = []
+    node = data
+    for i, part in enumerate(loc):
+        in_mapping = isinstance(node, Mapping) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_mapping or in_list:
+            node = node[part]
+        elif isinstance(node, Mapping) and i == len(loc) - 1:
+            pass  # a missing key: not in the data, but it is the key to name
+        elif isinstance(node, Mapping | list):
+            continue  # a union member's label (e.g. the discriminator value)
+        else:
+            break  # below a scalar only union labels remain
+        path.append(part)
+    return tuple(path)
 
 
 def parse_config(model: type[M], data: Any, *, source: str) -> M:
@@ -58,7 +85,7 @@ def parse_config(model: type[M], data: Any, *, source: str) -> M:
     try:
         return model.model_validate(dict(data))
     except pydantic.ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source=source)) from None
+        raise ConfigError(format_validation_error(exc, source=source, data=data)) from None
 
 
 def parse_yaml_text(text: str, *, source: str) -> Any:

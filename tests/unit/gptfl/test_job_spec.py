@@ -1,0 +1,152 @@
+"""The job spec: defaults, validation and one-line errors naming the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gptfl.config_loading import parse_config
+from gptfl.data.sources import SklearnDigitsSource
+from gptfl.errors import ConfigError
+from gptfl.job_spec import JobSpec, load_job_spec, parse_job_spec
+
+MINIMAL = """\
+name: digits-1
+model: {arch: cnn-small, num_classes: 10, in_channels: 1, image_size: 8}
+rounds: 3
+"""
+
+
+def _error(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_job_spec(text, source="job.yaml")
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_defaults() -> None:
+    spec = parse_job_spec(MINIMAL)
+    assert spec.name == "digits-1"
+    assert spec.model.arch == "cnn-small"
+    assert spec.rounds == 3
+    assert spec.silos_per_round == "all"
+    assert spec.silo_fraction() == 1.0
+    assert spec.min_silos == 1
+    assert spec.seed == 0
+    assert spec.round_deadline_s == 600.0
+    assert spec.strategy.name == "fedavg"
+    assert spec.local.epochs == 1 and spec.local.batch_size == 32
+    assert spec.evaluation.federated is True
+    assert spec.evaluation.server is None
+    assert spec.initial_model is None
+
+
+@pytest.mark.parametrize("name", ["a", "job-1", "0abc", "x" * 40])
+def test_good_names(name: str) -> None:
+    assert parse_job_spec(MINIMAL.replace("digits-1", name)).name == name
+
+
+@pytest.mark.parametrize("name", ["'My Job'", "-lead", "x" * 41, "''", "job_1", "Job"])
+def test_names_must_be_slugs(name: str) -> None:
+    message = _error(MINIMAL.replace("digits-1", name))
+    assert message.startswith("job.yaml: name: "), message
+    assert "lowercase letters, digits or dashes" in message
+
+
+@pytest.mark.parametrize(("value", "fraction"), [("all", 1.0), ("0.25", 0.25), ("1", 1.0)])
+def test_silos_per_round_all_or_fraction(value: str, fraction: float) -> None:
+    spec = parse_job_spec(MINIMAL + f"silos_per_round: {value}\n")
+    assert spec.silo_fraction() == fraction
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", "1.5", "-0.5", "half", "some"])
+def test_silos_per_round_outside_the_range_is_refused(value: str) -> None:
+    message = _error(MINIMAL + f"silos_per_round: {value}\n")
+    # the key, not pydantic's union member label ("silos_per_round.float")
+    assert message.startswith("job.yaml: silos_per_round: "), message
+
+
+@pytest.mark.parametrize(
+    "name", ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+)
+def test_every_strategy_name_is_accepted(name: str) -> None:
+    assert parse_job_spec(MINIMAL + f"strategy: {{name: {name}}}\n").strategy.name == name
+
+
+def test_unknown_strategy_is_refused() -> None:
+    message = _error(MINIMAL + "strategy: {name: fedsgd}\n")
+    assert message.startswith("job.yaml: strategy.name: "), message
+    assert "'fedadam'" in message and "(got 'fedsgd')" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ("rounds_total: 4\n", "rounds_total"),
+        ("local: {epocs: 2}\n", "local.epocs"),
+        ("strategy: {name: fedadam, bta1: 0.9}\n", "strategy.bta1"),
+        (
+            "evaluation: {server: {kind: sklearn-digits, split: test, shuffle: true}}\n",
+            "evaluation.server.shuffle",
+        ),
+    ],
+)
+def test_unknown_keys_are_named(extra: str, key: str) -> None:
+    assert _error(MINIMAL + extra) == f"job.yaml: {key}: unknown key"
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ("min_silos: 0\n", "min_silos"),
+        ("round_deadline_s: 0\n", "round_deadline_s"),
+        ("local: {batch_size: -3}\n", "local.batch_size"),
+        ("local: {learning_rate: 0}\n", "local.learning_rate"),
+        ("strategy: {beta2: 1.0}\n", "strategy.beta2"),
+        ("strategy: {tau: 0}\n", "strategy.tau"),
+        ("evaluation: {federated: maybe}\n", "evaluation.federated"),
+    ],
+)
+def test_bad_values_are_named(extra: str, key: str) -> None:
+    message = _error(MINIMAL + extra)
+    assert message.startswith(f"job.yaml: {key}: "), message
+    assert "(got " in message
+
+
+@pytest.mark.parametrize(("drop", "key"), [("rounds: 3\n", "rounds"), ("name: digits-1\n", "name")])
+def test_missing_required_keys_are_named(drop: str, key: str) -> None:
+    assert _error(MINIMAL.replace(drop, "")) == f"job.yaml: {key}: required key is missing"
+
+
+def test_rounds_must_be_positive() -> None:
+    assert _error(MINIMAL.replace("rounds: 3", "rounds: 0")).startswith("job.yaml: rounds: ")
+
+
+def test_invalid_yaml_is_one_line() -> None:
+    assert "invalid YAML" in _error(MINIMAL + "local: {epochs: [1\n")
+
+
+def test_json_documents_are_accepted_and_the_dump_round_trips() -> None:
+    spec = parse_job_spec(
+        MINIMAL + "strategy: {name: fedyogi, tau: 0.01}\nsilos_per_round: 0.5\n"
+        "evaluation: {server: {kind: sklearn-digits, split: test}}\n"
+    )
+    assert isinstance(spec.evaluation.server, SklearnDigitsSource)
+    # the coordinator keeps the spec as JSON (job state, checkpoints); it must parse back equal
+    dumped = json.dumps(spec.model_dump(mode="json"))
+    assert parse_job_spec(dumped) == spec
+    assert parse_config(JobSpec, json.loads(dumped), source="state") == spec
+
+
+def test_load_job_spec_reads_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(MINIMAL + "min_silos: 2\n")
+    assert load_job_spec(path).min_silos == 2
+    with pytest.raises(ConfigError, match="cannot read job spec"):
+        load_job_spec(tmp_path / "absent.yaml")
+    path.write_text(MINIMAL + "colour: red\n")
+    with pytest.raises(ConfigError, match=r"^job.yaml: colour: unknown key$"):
+        load_job_spec(path)
