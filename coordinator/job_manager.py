@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.checkpoint import load_latest
+from coordinator.evaluation import ServerEvaluator
 from coordinator.initial_model import file_initial_model, random_initial_model
 from coordinator.job_runner import InitialModel, JobRunner
 from coordinator.job_state import JobState, Phase
@@ -24,8 +25,9 @@ from coordinator.report import build_summary
 from coordinator.silo_registry import SiloRegistry
 from coordinator.tasks import TaskBoard
 from gptfl import atomic_io
-from gptfl.errors import JobStateError
+from gptfl.errors import GptflError, JobStateError
 from gptfl.job_spec import JobSpec, parse_job_spec
+from gptfl.models import build_model
 from gptfl.weights import WeightMap
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,10 @@ class JobManager:
 
     def submit(self, spec_text: str, *, submitted_by: str) -> str:
         spec = parse_job_spec(spec_text, source="job spec")
+        # Problems the spec can only show against this coordinator (an unknown architecture, a
+        # validation set that is not there) fail the submission, not the job later.
+        build_model(spec.model)
+        evaluator = _evaluator_for(spec)
         with self._lock:
             if self._runner is not None and self._runner.is_running:
                 raise JobStateError(
@@ -102,7 +108,7 @@ class JobManager:
                 },
             )
             atomic_io.write_text(self._state_dir / ACTIVE, job_id + "\n")
-            self._start(job_id, spec, job_dir, resume=False)
+            self._start(job_id, spec, job_dir, resume=False, evaluator=evaluator)
         log.info(
             "job %s submitted by %s: %d rounds of %s",
             job_id,
@@ -169,8 +175,13 @@ class JobManager:
             pointer.unlink()
             return None
         spec = JobSpec.model_validate(record["spec"])
+        try:
+            evaluator = _evaluator_for(spec)
+        except GptflError as exc:
+            log.error("cannot resume job %s: %s", job_id, exc)
+            return None
         with self._lock:
-            self._start(job_id, spec, job_dir, resume=True)
+            self._start(job_id, spec, job_dir, resume=True, evaluator=evaluator)
         return job_id
 
     def shutdown(self, grace_s: float) -> None:
@@ -181,7 +192,15 @@ class JobManager:
             runner.suspend()
             runner.join(timeout=grace_s)
 
-    def _start(self, job_id: str, spec: JobSpec, job_dir: Path, *, resume: bool) -> None:
+    def _start(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        job_dir: Path,
+        *,
+        resume: bool,
+        evaluator: ServerEvaluator | None,
+    ) -> None:
         checkpoint = load_latest(job_dir / "checkpoints") if resume else None
         if checkpoint is not None:
             log.info("resuming job %s after round %d", job_id, checkpoint.round)
@@ -197,6 +216,7 @@ class JobManager:
             max_concurrent_uploads=self._uploads,
             checkpoints_to_keep=self._keep,
             resume_from=checkpoint,
+            evaluator=evaluator,
             on_end=self._ended,
         )
         self._runner = runner
@@ -208,3 +228,9 @@ class JobManager:
             if self._runner is runner:
                 self._last = runner
                 self._runner = None
+
+
+def _evaluator_for(spec: JobSpec) -> ServerEvaluator | None:
+    if spec.evaluation.server is None:
+        return None
+    return ServerEvaluator(spec.evaluation.server, spec.model)

@@ -88,6 +88,7 @@ class JobRunner:
         max_concurrent_uploads: int = 2,
         checkpoints_to_keep: int = 3,
         resume_from: Checkpoint | None = None,
+        evaluator: ServerEvaluator | None = None,
         on_end: Callable[[JobRunner], None] | None = None,
     ) -> None:
         self.job_id = job_id
@@ -102,7 +103,7 @@ class JobRunner:
         self._keep = checkpoints_to_keep
         self._on_end = on_end
         self._strategy: Strategy = build_strategy(spec.strategy)
-        self._evaluator: ServerEvaluator | None = None
+        self._evaluator = evaluator
         self._lock = threading.Lock()
         self._fold_lock = threading.Lock()
         self._stop = threading.Event()
@@ -274,8 +275,6 @@ class JobRunner:
         try:
             if self._global is None:
                 self._initialise()
-            if self.spec.evaluation.server is not None:
-                self._evaluator = ServerEvaluator(self.spec.evaluation.server, self.spec.model)
             self._set_phase(Phase.FEDERATING, self.state.message or "waiting for silos")
             self._metrics.total_rounds.set(self.spec.rounds)
             for number in range(self.state.round + 1, self.spec.rounds + 1):

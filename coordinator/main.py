@@ -37,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(CoordinatorConfig, args.config, env_prefix=ENV_PREFIX)
-        if args.insecure:
-            config = config.model_copy(update={"insecure": True, "tls": None})
+        overrides = {"insecure": True, "tls": None} if args.insecure else None
+        config = load_config(
+            CoordinatorConfig, args.config, env_prefix=ENV_PREFIX, overrides=overrides
+        )
     except ConfigError as exc:
         print(f"gptfl-coordinator: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -50,8 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         coordinator = start_coordinator(config)
-    except (GptflError, OSError) as exc:
-        print(f"gptfl-coordinator: {exc}", file=sys.stderr)
+    except (GptflError, OSError, RuntimeError) as exc:
+        # RuntimeError: grpcio reports an address already in use this way.
+        print(f"gptfl-coordinator: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     stop = threading.Event()
 

@@ -5,10 +5,10 @@ an error, not a silent default). :func:`load_config` reads a YAML file, applies 
 overrides and validates; any problem becomes a :class:`~gptfl.errors.ConfigError` whose
 message is one line naming the file and the key, e.g.::
 
-    silo.yaml: training.batch_size: Input should be greater than 0 (got -3)
+    silo.yaml: reconnect.max_backoff_s: Input should be greater than 0 (got -3)
 
 Environment overrides use a prefix and ``__`` between nested keys, values parsed as YAML:
-``GPTFL_SILO__TRAINING__BATCH_SIZE=64`` sets ``training.batch_size``.
+``GPTFL_SILO__RECONNECT__MAX_BACKOFF_S=10`` sets ``reconnect.max_backoff_s``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ def format_validation_error(
         detail = "unknown key"
     elif first["type"] == "missing":
         detail = "required key is missing"
+    elif not loc or first["type"] == "value_error":
+        # A rule across keys (a model validator): its message says what is wrong; echoing
+        # the whole input would bury it.
+        detail = str(first["msg"]).removeprefix("Value error, ")
     else:
         detail = f"{first['msg']} (got {first.get('input')!r})"
     more = len(error.errors()) - 1
@@ -123,8 +127,15 @@ def apply_env_overrides(
     return result
 
 
-def load_config(model: type[M], path: str | Path, *, env_prefix: str | None = None) -> M:
-    """Reads ``path`` (YAML), applies ``env_prefix`` overrides and validates against ``model``."""
+def load_config(
+    model: type[M],
+    path: str | Path,
+    *,
+    env_prefix: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> M:
+    """Reads ``path`` (YAML), applies ``env_prefix`` overrides, then ``overrides`` (e.g. from
+    command-line flags), and validates the result against ``model``."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -135,6 +146,8 @@ def load_config(model: type[M], path: str | Path, *, env_prefix: str | None = No
         raise ConfigError(f"{path.name}: expected a mapping at the top level")
     if env_prefix:
         data = apply_env_overrides(data, prefix=env_prefix)
+    if overrides:
+        data = {**data, **overrides}
     config = parse_config(model, data, source=path.name)
     return _resolve_paths(config, base=path.resolve().parent)
 

@@ -159,11 +159,17 @@ class SiloAgent:
                 self._evaluate(client, task)
             self.metrics.tasks.labels(kind=kind, outcome="done").inc()
             self.tasks_completed += 1
-        except GptflError as exc:
-            # A local problem (bad data, a model that does not fit): say so and carry on.
-            log.error("task %s (round %d) failed: %s", task.task_id, task.round, exc)
+        except (GptflError, RuntimeError, ValueError, IndexError) as exc:
+            # A local problem (data that cannot be read, labels the model cannot take): say
+            # so and carry on. Only the kind of error leaves the silo; the details (which may
+            # name local files) stay in the local log.
+            log.exception("task %s (round %d) failed", task.task_id, task.round)
             self.metrics.tasks.labels(kind=kind, outcome="failed").inc()
-            client.decline(task, f"{type(exc).__name__}: {exc}")
+            client.decline(
+                task,
+                f"the silo could not run this task ({type(exc).__name__}); "
+                "details are in the silo's log",
+            )
         except grpc.RpcError as exc:
             if exc.code() in (
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -11,6 +11,7 @@ import numpy as np
 from gptfl.data.dataset import ArrayDataset
 from gptfl.data.partition import split_fraction
 from gptfl.data.sources import load_source
+from gptfl.errors import ValidationError
 from gptfl.models.spec import ModelSpec
 from silo_agent.config import DataConfig
 
@@ -59,4 +60,10 @@ class LocalData:
             len(train),
             len(evaluation),
         )
+        for name, split in (("training", train), ("evaluation", evaluation)):
+            if len(split) and int(split.y.max()) >= spec.num_classes:
+                raise ValidationError(
+                    f"the {name} data has label {int(split.y.max())}, but the job's model "
+                    f"has {spec.num_classes} classes (labels 0..{spec.num_classes - 1})"
+                )
         return LocalSplits(train, evaluation)
