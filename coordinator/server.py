@@ -117,10 +117,11 @@ def start_coordinator(
         f", metrics :{metrics_port}" if metrics_port else "",
         "mTLS" if tls else "PLAINTEXT",
     )
-    _write_endpoints(config, fleet, admin, health, metrics_port)
     resumed = jobs.resume_if_any()
     if resumed:
         log.info("resuming job %s", resumed)
+    # Last: whoever waits for this file (LocalCluster, tests) finds a resumed job in place.
+    _write_endpoints(config, fleet, admin, health, metrics_port)
     return Coordinator(config, jobs, registry, metrics, fleet, admin, health, metrics_port)
 
 

@@ -176,14 +176,42 @@ class LocalCluster:
         config.update(plan.extra)
         return config
 
-    def start_silos(self, silo_ids: Sequence[str] | None = None) -> None:
+    def start_silos(
+        self, silo_ids: Sequence[str] | None = None, *, timeout_s: float = 120.0
+    ) -> None:
+        """Starts silo agents. With metrics on, waits until each has bound its metrics port
+        and records it in ``silo_metrics_ports``."""
         wanted = set(silo_ids) if silo_ids is not None else {s.silo_id for s in self.silos}
+        started: dict[str, Path] = {}
         for plan in self.silos:
             if plan.silo_id not in wanted:
                 continue
+            config = self.silo_config(plan)
+            endpoints_file = Path(config["state_dir"]) / ENDPOINTS_FILE
+            endpoints_file.unlink(missing_ok=True)
             path = self.work_dir / f"silo-{plan.silo_id}.yaml"
-            path.write_text(yaml.safe_dump(self.silo_config(plan), sort_keys=False))
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
             self._spawn(plan.silo_id, "silo_agent.main", path)
+            started[plan.silo_id] = endpoints_file
+        if self._metrics:
+            self._wait_silo_endpoints(started, timeout_s)
+
+    def _wait_silo_endpoints(self, files: Mapping[str, Path], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for silo_id, endpoints_file in files.items():
+            process = self.processes[silo_id]
+            while not endpoints_file.exists():
+                if process.poll() is not None:
+                    raise ClusterError(
+                        f"silo {silo_id} exited with code {process.returncode}; see "
+                        f"{self.logs_dir / f'{silo_id}.log'}"
+                    )
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"silo {silo_id} did not start within {timeout_s:g}s")
+                time.sleep(0.05)
+            port = json.loads(endpoints_file.read_text()).get("metrics_port")
+            if isinstance(port, int):
+                self.silo_metrics_ports[silo_id] = port
 
     # ---- tear-down -------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,6 +14,7 @@ from types import FrameType
 
 from prometheus_client import start_http_server
 
+from gptfl import atomic_io
 from gptfl.config_loading import load_config
 from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, GptflError
 from gptfl.logging_setup import configure_logging
@@ -21,6 +23,8 @@ from silo_agent.config import ENV_PREFIX, SiloConfig
 from silo_agent.metrics import SiloMetrics
 
 log = logging.getLogger("silo_agent")
+
+ENDPOINTS_FILE = "endpoints.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,12 +55,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         fmt=config.log_format, level=logging.DEBUG if args.verbose else logging.INFO, name=name
     )
     metrics = SiloMetrics.create()
+    metrics_port: int | None = None
     if config.metrics_address:
         host, _, port = config.metrics_address.rpartition(":")
-        start_http_server(int(port), addr=host or "0.0.0.0", registry=metrics.registry)
+        server, _thread = start_http_server(
+            int(port), addr=host or "0.0.0.0", registry=metrics.registry
+        )
+        metrics_port = server.server_port
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         agent = SiloAgent(config, metrics=metrics)
+        # The bound port (port 0 in a config means "any free port"), for local clusters.
+        atomic_io.write_json(
+            config.state_dir / ENDPOINTS_FILE, {"pid": os.getpid(), "metrics_port": metrics_port}
+        )
     except (GptflError, OSError) as exc:
         print(f"gptfl-silo: {exc}", file=sys.stderr)
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
@@ -68,7 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("silo agent starting: coordinator %s, device %s", config.coordinator, agent.device)
+    log.info(
+        "silo agent starting: coordinator %s, device %s%s",
+        config.coordinator,
+        agent.device,
+        f", metrics :{metrics_port}" if metrics_port else "",
+    )
     return agent.run(stop)
 
 
