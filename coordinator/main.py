@@ -14,7 +14,7 @@ from types import FrameType
 from coordinator.config import ENV_PREFIX, CoordinatorConfig
 from coordinator.server import start_coordinator
 from gptfl.config_loading import load_config
-from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, GptflError
+from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, GptflError, PkiError
 from gptfl.logging_setup import configure_logging
 
 log = logging.getLogger("coordinator")
@@ -41,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(
             CoordinatorConfig, args.config, env_prefix=ENV_PREFIX, overrides=overrides
         )
-    except ConfigError as exc:
+        if config.tls is not None:
+            config.tls.files().read()  # unreadable certificates fail here, in one line
+    except (ConfigError, PkiError) as exc:
         print(f"gptfl-coordinator: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(

@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 
 from gptfl import atomic_io
 from gptfl.config_loading import load_config
-from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, GptflError
+from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, GptflError, PkiError
 from gptfl.logging_setup import configure_logging
 from silo_agent.agent import SiloAgent
 from silo_agent.config import ENV_PREFIX, SiloConfig
@@ -42,12 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(SiloConfig, args.config, env_prefix=ENV_PREFIX)
-        if args.insecure:
-            config = SiloConfig.model_validate(
-                {**config.model_dump(), "insecure": True, "tls": None}
-            )
-    except ConfigError as exc:
+        overrides = {"insecure": True, "tls": None} if args.insecure else None
+        config = load_config(SiloConfig, args.config, env_prefix=ENV_PREFIX, overrides=overrides)
+        if config.tls is not None:
+            config.tls.files().read()  # unreadable certificates fail here, in one line
+    except (ConfigError, PkiError) as exc:
         print(f"gptfl-silo: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     name = config.silo_id or (config.tls.cert.parent.name if config.tls else "silo")
