@@ -44,7 +44,9 @@ class CoordinatorConfig(StrictModel):
     #: a silo not heard from for this many heartbeat intervals counts as disconnected
     heartbeat_misses: int = pydantic.Field(3, ge=1)
     max_workers: int = pydantic.Field(64, ge=4)
-    max_concurrent_uploads: int = pydantic.Field(2, ge=1)
+    #: updates received at once; each costs one model copy while it is assembled, so memory
+    #: is about (1 + this) model sizes above idle. Raise it for slow links and spare memory.
+    max_concurrent_uploads: int = pydantic.Field(1, ge=1)
     checkpoints_to_keep: int = pydantic.Field(3, ge=1)
     shutdown_grace_s: float = pydantic.Field(10.0, ge=0)
     log_format: Literal["text", "json"] = "text"

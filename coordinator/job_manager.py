@@ -62,7 +62,7 @@ class JobManager:
         registry: SiloRegistry,
         board: TaskBoard,
         metrics: CoordinatorMetrics,
-        max_concurrent_uploads: int = 2,
+        max_concurrent_uploads: int = 1,
         checkpoints_to_keep: int = 3,
         initial_model: InitialModel = default_initial_model,
     ) -> None:
@@ -87,6 +87,9 @@ class JobManager:
         # validation set that is not there) fail the submission, not the job later.
         build_model(spec.model)
         evaluator = _evaluator_for(spec)
+        ending = self._runner
+        if ending is not None and ending.state.phase.terminal:
+            ending.join(timeout=60)  # it is writing its final report; let it finish
         with self._lock:
             if self._runner is not None and self._runner.is_running:
                 raise JobStateError(

@@ -15,6 +15,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ class JobRunner:
         board: TaskBoard,
         metrics: CoordinatorMetrics,
         initial_model: InitialModel,
-        max_concurrent_uploads: int = 2,
+        max_concurrent_uploads: int = 1,
         checkpoints_to_keep: int = 3,
         resume_from: Checkpoint | None = None,
         evaluator: ServerEvaluator | None = None,
@@ -106,6 +107,9 @@ class JobRunner:
         self._evaluator = evaluator
         self._lock = threading.Lock()
         self._fold_lock = threading.Lock()
+        # Checkpoint writes and server-side evaluation run beside the job thread.
+        self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"job-{job_id}")
+        self._pending_checkpoint: Future[Path] | None = None
         self._stop = threading.Event()
         self._stop_reason = ""
         self._suspended = False
@@ -282,6 +286,8 @@ class JobRunner:
                     break
                 self._run_round(number)
             if self._suspended:
+                self._flush_checkpoint()
+                self._background.shutdown(wait=True)
                 self._board.wake_all()
                 log.info(
                     "job %s suspended after round %d; a restart resumes it",
@@ -417,10 +423,16 @@ class JobRunner:
             new_weights = self._strategy.apply(self._global.weights, progress.total.mean())
             self._set_global(new_weights)
         self._board.retire(tasks)
-        test = self._evaluator.evaluate(new_weights) if self._evaluator else None
+        # Server-side evaluation runs while the silos evaluate: both sit on the round's path.
+        server_eval = (
+            self._background.submit(self._evaluator.evaluate, new_weights)
+            if self._evaluator
+            else None
+        )
         fed_loss, fed_acc, fed_n = self._federated_evaluation(
             number, [t.silo_id for t in tasks if t.status is TaskStatus.DONE]
         )
+        test = server_eval.result() if server_eval is not None else None
         record = RoundRecord(
             round=number,
             silos_selected=len(tasks),
@@ -504,19 +516,39 @@ class JobRunner:
             return self._board.lookup(silo_id, task_id, TaskKind.EVALUATE)
 
     def _checkpoint(self) -> None:
+        """Writes a checkpoint of this moment in the background.
+
+        The snapshot is taken now (weights are never modified in place, strategy state is
+        copied); the write overlaps the next round. ``LATEST`` moves only once a checkpoint is
+        complete, and checkpoints are written one at a time, in order.
+        """
         assert self._global is not None
         with self._lock:
             snapshot = JobState.from_json(self.state.to_json())
-        save_checkpoint(
+        strategy_state = {k: v.clone() for k, v in self._strategy.state_dict().items()}
+        self._flush_checkpoint()
+        self._pending_checkpoint = self._background.submit(
+            save_checkpoint,
             self.job_dir / "checkpoints",
             round_=snapshot.round,
             weights=self._global.weights,
-            strategy_state=self._strategy.state_dict(),
+            strategy_state=strategy_state,
             state=snapshot,
             keep=self._keep,
         )
 
+    def _flush_checkpoint(self) -> None:
+        """Waits for the checkpoint being written (its errors surface here)."""
+        pending, self._pending_checkpoint = self._pending_checkpoint, None
+        if pending is not None:
+            pending.result()
+
     def _end(self, phase: Phase, message: str) -> None:
+        try:
+            self._flush_checkpoint()
+        except Exception:
+            log.exception("job %s: writing the last checkpoint failed", self.job_id)
+        self._background.shutdown(wait=True)
         self.state.finished_unix = time.time()
         self._set_phase(phase, message)
         self._board.wake_all()

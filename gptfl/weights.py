@@ -346,10 +346,22 @@ class PayloadReceiver:
                 tensor = torch.frombuffer(
                     self._buffer, dtype=dtype, count=count, offset=info.offset
                 ).reshape(info.shape)
-            if require_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if require_finite and tensor.is_floating_point() and not _all_finite(tensor):
                 raise NonFiniteError(f"tensor {info.name!r} holds NaN or infinite values")
             weights[info.name] = tensor
         return weights
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or infinite.
+
+    A NaN or infinity anywhere makes the sum non-finite, so a finite sum proves the tensor
+    finite without the full-size temporary of ``isfinite``; only a non-finite sum (which an
+    overflow of large finite values can also cause) needs the exact check.
+    """
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def receive_all(
