@@ -1,0 +1,1 @@
+"""GPT-FL synth service: prompts, diffusers generation, synthetic dataset artifacts, pretraining."""
