@@ -101,7 +101,7 @@ def task_to_pb(task: TaskSpec) -> fleet_pb2.Task:
         job_id=task.job_id,
         round=task.round,
         kind=_TASK_KINDS[task.kind],
-        model=fleet_pb2.ModelSpec(
+        model=common_pb2.ModelSpec(
             arch=spec.arch,
             num_classes=spec.num_classes,
             in_channels=spec.in_channels,

@@ -65,3 +65,15 @@ class Metrics(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     values: _containers.ScalarMap[str, float]
     def __init__(self, values: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("arch", "num_classes", "in_channels", "image_size")
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    IN_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    arch: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    def __init__(self, arch: _Optional[str] = ..., num_classes: _Optional[int] = ..., in_channels: _Optional[int] = ..., image_size: _Optional[int] = ...) -> None: ...

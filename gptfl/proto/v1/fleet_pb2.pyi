@@ -72,18 +72,6 @@ class PullTaskRequest(_message.Message):
     wait_ms: int
     def __init__(self, wait_ms: _Optional[int] = ...) -> None: ...
 
-class ModelSpec(_message.Message):
-    __slots__ = ("arch", "num_classes", "in_channels", "image_size")
-    ARCH_FIELD_NUMBER: _ClassVar[int]
-    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
-    IN_CHANNELS_FIELD_NUMBER: _ClassVar[int]
-    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
-    arch: str
-    num_classes: int
-    in_channels: int
-    image_size: int
-    def __init__(self, arch: _Optional[str] = ..., num_classes: _Optional[int] = ..., in_channels: _Optional[int] = ..., image_size: _Optional[int] = ...) -> None: ...
-
 class TrainConfig(_message.Message):
     __slots__ = ("local_epochs", "batch_size", "learning_rate", "momentum", "weight_decay", "proximal_mu", "seed")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -116,11 +104,11 @@ class Task(_message.Message):
     job_id: str
     round: int
     kind: TaskKind
-    model: ModelSpec
+    model: _common_pb2.ModelSpec
     model_sha256: str
     train: TrainConfig
     deadline_unix_ms: int
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., model_sha256: _Optional[str] = ..., train: _Optional[_Union[TrainConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., model_sha256: _Optional[str] = ..., train: _Optional[_Union[TrainConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class PullTaskReply(_message.Message):
     __slots__ = ("task", "phase", "job_id", "retry_after_ms")
