@@ -166,7 +166,7 @@ class JobRunner:
 
     def task_model(self, silo_id: str, task_id: str) -> tuple[Manifest, Iterator[Chunk]]:
         """The model a silo's open task runs on, as a manifest and its chunks."""
-        task = self._lookup_any(silo_id, task_id)
+        task = self._board.lookup(silo_id, task_id, None)
         version = task.model
         sent = self._metrics.bytes_sent.labels(silo=silo_id)
 
@@ -257,21 +257,11 @@ class JobRunner:
             raise
 
     def decline(self, silo_id: str, task_id: str, reason: str) -> None:
-        for kind in TaskKind:
-            try:
-                task = self._board.lookup(silo_id, task_id, kind)
-            except GptflError:
-                continue
-            self._board.finish(task, TaskStatus.DECLINED, reason[:500])
-            log.warning(
-                "silo %s declined task %s (round %d): %s",
-                silo_id,
-                task_id,
-                task.round,
-                reason[:500],
-            )
-            return
-        task = self._board.lookup(silo_id, task_id, TaskKind.TRAIN)  # raises the precise error
+        task = self._board.lookup(silo_id, task_id, None)
+        self._board.finish(task, TaskStatus.DECLINED, reason[:500])
+        log.warning(
+            "silo %s declined task %s (round %d): %s", silo_id, task_id, task.round, reason[:500]
+        )
 
     # ---- the job thread ---------------------------------------------------------------
 
@@ -508,12 +498,6 @@ class JobRunner:
             if self._round is not None:
                 self._round.rejected += 1
         log.warning("rejected %s from %s: %s", exc.reason, silo_id, exc)
-
-    def _lookup_any(self, silo_id: str, task_id: str) -> TaskRecord:
-        try:
-            return self._board.lookup(silo_id, task_id, TaskKind.TRAIN)
-        except GptflError:
-            return self._board.lookup(silo_id, task_id, TaskKind.EVALUATE)
 
     def _checkpoint(self) -> None:
         """Writes a checkpoint of this moment in the background.

@@ -116,8 +116,9 @@ class TaskBoard:
             self._generation += 1
             self._cond.notify_all()
 
-    def lookup(self, silo_id: str, task_id: str, kind: TaskKind) -> TaskRecord:
-        """The task ``task_id`` if it is ``silo_id``'s and still open, else a precise error."""
+    def lookup(self, silo_id: str, task_id: str, kind: TaskKind | None) -> TaskRecord:
+        """The task ``task_id`` if it is ``silo_id``'s, of ``kind`` (None: any) and still
+        open, else a precise error."""
         with self._cond:
             task = self._tasks.get(task_id)
             if task is None:
@@ -125,7 +126,7 @@ class TaskBoard:
                 raise UnknownTaskError(f"no task {task_id!r}")
             if task.silo_id != silo_id:
                 raise PermissionDeniedError(f"task {task_id} belongs to another silo")
-            if task.kind is not kind:
+            if kind is not None and task.kind is not kind:
                 raise StaleTaskError(f"task {task_id} is a {task.kind.value} task")
             if task.status is TaskStatus.DONE:
                 raise DuplicateUpdateError(f"task {task_id} was already completed")
