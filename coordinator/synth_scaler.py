@@ -33,9 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-import grpc
-
-from gptfl.errors import ConfigError, GptflError
+from gptfl.errors import ConfigError, UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +47,13 @@ TRANSIENT_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 SCALE_DOWN_ATTEMPTS = 5
 
 
-class SynthScaleError(GptflError):
+class SynthScaleError(UnavailableError):
     """The synth Deployment could not be scaled, or did not become ready in time.
 
     Attributes:
         transient: True when retrying the same call may succeed (a timeout, throttling,
             an API server restart); False for e.g. a missing Deployment or missing RBAC.
     """
-
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = "synth_unavailable"
 
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)

@@ -72,6 +72,13 @@ class UnknownTaskError(GptflError):
     reason = "unknown_task"
 
 
+class NotFoundError(GptflError):
+    """The named thing (a dataset, a generator) does not exist on the service asked."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "not_found"
+
+
 class DuplicateUpdateError(GptflError):
     """This task's result was already accepted; it is never counted twice."""
 
@@ -107,6 +114,27 @@ class ResourceLimitError(GptflError):
     reason = "too_large"
 
 
+class ServiceUnavailableError(GptflError):
+    """A service did not answer, or did not report SERVING, within the time allowed."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "unavailable"
+
+
+class CancelledError(GptflError):
+    """The caller went away (cancelled, deadline passed) and the work was abandoned."""
+
+    code = grpc.StatusCode.CANCELLED
+    reason = "cancelled"
+
+
+class UnavailableError(GptflError):
+    """A service this one depends on (the synth service, the Kubernetes API) is unavailable."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "unavailable"
+
+
 class PkiError(GptflError):
     """Certificates or keys are missing, unreadable or inconsistent."""
 
@@ -128,11 +156,15 @@ def grpc_status_of(error: GptflError) -> grpc.StatusCode:
 
 
 def all_reasons() -> list[str]:
-    """Every ``reason`` label an error can carry (metrics pre-create these series)."""
-    seen: set[str] = set()
-    pending: list[type[GptflError]] = [GptflError]
-    while pending:
-        cls = pending.pop()
-        seen.add(cls.reason)
-        pending.extend(cls.__subclasses__())
-    return sorted(seen)
+    """Every ``reason`` label an error can carry (metrics pre-create these series).
+
+    Reasons are defined here only (subclasses elsewhere reuse them), so the list does not
+    depend on which modules a process happens to have imported.
+    """
+    return sorted(
+        {
+            cls.reason
+            for cls in globals().values()
+            if isinstance(cls, type) and issubclass(cls, GptflError)
+        }
+    )
