@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mb", type=float, default=DEFAULT_MODEL_MB, help="model size in MB")
     parser.add_argument("--runs", type=int, default=3, help="repeats per silo count (median)")
     parser.add_argument(
-        "--max-concurrent-uploads", type=int, default=2, help="the coordinator setting (2)"
+        "--max-concurrent-uploads", type=int, default=1, help="the coordinator setting (1)"
     )
     parser.add_argument(
         "--coordinator-env",

@@ -12,7 +12,6 @@ from pathlib import Path
 from types import FrameType
 
 from coordinator.config import ENV_PREFIX, CoordinatorConfig
-from coordinator.memory import pin_mmap_threshold
 from coordinator.server import start_coordinator
 from gptfl.config_loading import load_config
 from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, GptflError, PkiError
@@ -52,7 +51,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         name="coordinator",
     )
-    pin_mmap_threshold()
     try:
         coordinator = start_coordinator(config)
     except (GptflError, OSError, RuntimeError) as exc:

@@ -13,6 +13,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.fleet_servicer import FleetServicer
 from coordinator.job_manager import JobManager
 from coordinator.job_runner import InitialModel
+from coordinator.memory import pin_mmap_threshold
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.silo_registry import SiloRegistry
 from coordinator.tasks import TaskBoard
@@ -56,6 +57,7 @@ def start_coordinator(
     config: CoordinatorConfig, *, initial_model: InitialModel | None = None
 ) -> Coordinator:
     """Starts every server of a coordinator and resumes an unfinished job if there is one."""
+    pin_mmap_threshold()
     tls = config.tls.files() if config.tls is not None else None
     metrics = CoordinatorMetrics.create()
     registry = SiloRegistry(
