@@ -114,13 +114,6 @@ class ResourceLimitError(GptflError):
     reason = "too_large"
 
 
-class ServiceUnavailableError(GptflError):
-    """A service did not answer, or did not report SERVING, within the time allowed."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = "unavailable"
-
-
 class CancelledError(GptflError):
     """The caller went away (cancelled, deadline passed) and the work was abandoned."""
 
@@ -129,7 +122,8 @@ class CancelledError(GptflError):
 
 
 class UnavailableError(GptflError):
-    """A service this one depends on (the synth service, the Kubernetes API) is unavailable."""
+    """A service is unavailable: one this one depends on (the synth service, the Kubernetes
+    API) did not answer or was not SERVING in time, or this one is shutting down."""
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "unavailable"

@@ -1,5 +1,5 @@
-"""A whole federation on one machine: a dev PKI, a coordinator and silo agents as separate
-processes on 127.0.0.1 over mutual TLS.
+"""A whole federation on one machine: a dev PKI, the synth service (optional), a coordinator
+and silo agents as separate processes on 127.0.0.1 over mutual TLS.
 
 ``make demo``, the integration tests and the benchmarks all start their federations through
 this one class, so they exercise exactly what an operator runs (the real entry points and
@@ -70,12 +70,31 @@ class LocalCluster:
         coordinator_extra: Mapping[str, Any] | None = None,
         torch_threads: int = 1,
         metrics: bool = False,
+        synth: bool = False,
+        synth_extra: Mapping[str, Any] | None = None,
     ) -> None:
+        """Plans the federation; nothing starts before :meth:`provision` and the ``start_*``
+        methods.
+
+        Args:
+            work_dir: holds the PKI, configs, logs, state and runs.
+            silos: the silos to start.
+            runs_dir: where the coordinator writes runs (``work_dir/runs`` by default).
+            coordinator_extra: keys merged into coordinator.yaml.
+            torch_threads: OMP/MKL threads per process.
+            metrics: bind every process's metrics endpoint on a free port.
+            synth: the federation uses a synth service: :meth:`start_coordinator` starts
+                it first (:meth:`start_synth`) unless it already runs, and the coordinator
+                config gets ``synth: {address: ...}``.
+            synth_extra: keys merged into synth.yaml (e.g. ``device``, ``models_dir``).
+        """
         self.work_dir = work_dir
         self.silos = list(silos)
         self.runs_dir = runs_dir or work_dir / "runs"
         self._coordinator_extra = dict(coordinator_extra or {})
         self._metrics = metrics
+        self.synth = synth
+        self._synth_extra = dict(synth_extra or {})
         self._env = {
             **os.environ,
             # Several trainers share the machine: one thread each avoids oversubscription.
@@ -88,6 +107,8 @@ class LocalCluster:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.endpoints: Endpoints | None = None
         self.silo_metrics_ports: dict[str, int] = {}
+        self.synth_address: str | None = None
+        self.synth_metrics_port: int | None = None
 
     # ---- set-up ----------------------------------------------------------------------------
 
@@ -119,10 +140,71 @@ class LocalCluster:
         self.processes[name] = process
         return process
 
+    # ---- synth service ---------------------------------------------------------------------
+
+    def synth_config(self) -> dict[str, Any]:
+        """synth.yaml for the local synth service (CPU unless ``synth_extra`` says otherwise)."""
+        config: dict[str, Any] = {
+            "address": "127.0.0.1:0",
+            "metrics_address": "127.0.0.1:0" if self._metrics else "",
+            "tls": self._tls("synth"),
+            "models_dir": str(self.work_dir / "synth-models"),
+            "data_dir": str(self.work_dir / "synth-data"),
+            "torch_threads": int(self._env["OMP_NUM_THREADS"]),
+        }
+        config.update(self._synth_extra)
+        return config
+
+    def start_synth(self, *, timeout_s: float = 120.0) -> str:
+        """Starts the synth service on a free port; returns its address ``127.0.0.1:PORT``.
+
+        Waits until the service has bound its ports (its ``endpoints.json``), records
+        ``synth_address`` and ``synth_metrics_port``; a coordinator started afterwards gets
+        ``synth: {address: ...}`` in its config.
+        """
+        config = self.synth_config()
+        endpoints_file = Path(config["data_dir"]) / ENDPOINTS_FILE
+        endpoints_file.unlink(missing_ok=True)
+        Path(config["models_dir"]).mkdir(parents=True, exist_ok=True)
+        path = self.work_dir / "synth.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        process = self._spawn("synth", "synth_service.main", path)
+        data = self._wait_endpoints("synth", process, endpoints_file, timeout_s)
+        self.synth_address = f"127.0.0.1:{data['port']}"
+        port = data.get("metrics_port")
+        self.synth_metrics_port = port if isinstance(port, int) else None
+        self.synth = True
+        return self.synth_address
+
+    def _wait_endpoints(
+        self,
+        name: str,
+        process: subprocess.Popen[bytes],
+        endpoints_file: Path,
+        timeout_s: float,
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while not endpoints_file.exists():
+            if process.poll() is not None:
+                raise ClusterError(
+                    f"{name} exited with code {process.returncode}; see "
+                    f"{self.logs_dir / f'{name}.log'}"
+                )
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{name} did not start within {timeout_s:g}s")
+            time.sleep(0.05)
+        data: dict[str, Any] = json.loads(endpoints_file.read_text())
+        return data
+
     # ---- coordinator -----------------------------------------------------------------------
 
     def start_coordinator(self, *, timeout_s: float = 120.0) -> Endpoints:
-        """Starts the coordinator on free ports and waits until it has bound them."""
+        """Starts the coordinator on free ports and waits until it has bound them.
+
+        With ``synth=True`` the synth service is started first when it is not running yet.
+        """
+        if self.synth and self.synth_address is None:
+            self.start_synth(timeout_s=timeout_s)
         state_dir = self.work_dir / "coordinator-state"
         endpoints_file = state_dir / ENDPOINTS_FILE
         endpoints_file.unlink(missing_ok=True)
@@ -134,8 +216,10 @@ class LocalCluster:
             "state_dir": str(state_dir),
             "runs_dir": str(self.runs_dir),
             "heartbeat_interval_s": 2.0,
-            **self._coordinator_extra,
         }
+        if self.synth_address is not None:
+            config["synth"] = {"address": self.synth_address}
+        config.update(self._coordinator_extra)
         path = self.work_dir / "coordinator.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         process = self._spawn("coordinator", "coordinator.main", path)
@@ -220,7 +304,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         codes: dict[str, int | None] = {}
         for name, process in self.processes.items():
-            if name == "coordinator":
+            if name in ("coordinator", "synth"):
                 continue
             try:
                 codes[name] = process.wait(max(0.1, deadline - time.monotonic()))
@@ -229,10 +313,12 @@ class LocalCluster:
         return codes
 
     def stop(self, *, timeout_s: float = 30.0) -> dict[str, int]:
-        """SIGTERM every process (silos first), then SIGKILL what is left after the timeout."""
-        order = [n for n in self.processes if n != "coordinator"] + (
-            ["coordinator"] if "coordinator" in self.processes else []
-        )
+        """SIGTERM every process (silos first, then the coordinator, then the synth service),
+        then SIGKILL what is left after the timeout."""
+        last = ("coordinator", "synth")
+        order = [n for n in self.processes if n not in last] + [
+            n for n in last if n in self.processes
+        ]
         for name in order:
             process = self.processes[name]
             if process.poll() is None:

@@ -87,6 +87,30 @@ def split_weight_stream(
     return manifest, chunks()
 
 
+def model_spec_to_pb(spec: ModelSpec) -> common_pb2.ModelSpec:
+    return common_pb2.ModelSpec(
+        arch=spec.arch,
+        num_classes=spec.num_classes,
+        in_channels=spec.in_channels,
+        image_size=spec.image_size,
+    )
+
+
+def model_spec_from_pb(pb: common_pb2.ModelSpec) -> ModelSpec:
+    """The domain model spec; an invalid one is a :class:`ValidationError`."""
+    try:
+        return ModelSpec(
+            arch=pb.arch,
+            num_classes=pb.num_classes,
+            in_channels=pb.in_channels,
+            image_size=pb.image_size,
+        )
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "model"
+        raise ValidationError(f"invalid model spec: {where}: {first['msg']}") from None
+
+
 _TASK_KINDS = {
     TaskKind.TRAIN: fleet_pb2.TASK_KIND_TRAIN,
     TaskKind.EVALUATE: fleet_pb2.TASK_KIND_EVALUATE,

@@ -33,9 +33,10 @@ from PIL import Image
 from gptfl.data.dataset import ArrayDataset
 from gptfl.data.sources import SklearnDigitsSource, load_source
 from gptfl.models import ModelSpec, build_model
+from gptfl.synth_spec import PretrainSettings
 from gptfl.training import TrainSettings, evaluate, train_local
 from synth_service.generators import load_generator, plan_images
-from synth_service.pretrain import PretrainSettings, pretrain
+from synth_service.pretrain import pretrain
 from synth_service.resize import fit_images
 
 CPU = torch.device("cpu")

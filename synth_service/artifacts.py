@@ -32,57 +32,16 @@ from gptfl import atomic_io
 from gptfl.config_loading import StrictModel, format_validation_error
 from gptfl.data.dataset import ArrayDataset
 from gptfl.errors import ChecksumError, ConfigError, ResourceLimitError, ValidationError
+from gptfl.synth_spec import SynthesisRequest
 from synth_service.generators.base import Generator, ImageSpec, ProgressCallback, plan_images
 from synth_service.prompts import PromptExpander, build_prompts
-from synth_service.resize import FIT_MODES, fit_images
+from synth_service.resize import fit_images
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION: Literal[1] = 1
 DEFAULT_IMAGES_PER_SHARD = 4096
-
-
-class SynthesisRequest(StrictModel):
-    """What to generate.
-
-    Attributes:
-        labels: label names in label order (label ``i`` of the dataset is ``labels[i]``).
-        images_per_label: images per label.
-        in_channels: the task's channels (1 or 3).
-        image_size: the task's square input size.
-        resize_mode: how generated images are fitted (see :mod:`synth_service.resize`).
-        seed: seed of prompts, per-image noise seeds and guidance draws.
-        prompts_per_label: distinct prompts per label (text-to-image only).
-        prompt_overrides: label -> prompts that replace the generated ones.
-        guidance_min: lowest guidance scale drawn.
-        guidance_max: highest guidance scale drawn.
-        guidance_step: grid of the guidance draws (0: continuous).
-    """
-
-    labels: list[str] = pydantic.Field(min_length=1)
-    images_per_label: int = pydantic.Field(ge=1)
-    in_channels: int = pydantic.Field(ge=1, le=3)
-    image_size: int = pydantic.Field(ge=1)
-    resize_mode: str = "stretch"
-    seed: int = 0
-    prompts_per_label: int = pydantic.Field(default=16, ge=1)
-    prompt_overrides: dict[str, list[str]] = pydantic.Field(default_factory=dict)
-    guidance_min: float = pydantic.Field(default=1.0, ge=0.0)
-    guidance_max: float = pydantic.Field(default=5.0, ge=0.0)
-    guidance_step: float = pydantic.Field(default=0.5, ge=0.0)
-
-    @pydantic.model_validator(mode="after")
-    def _consistent(self) -> SynthesisRequest:
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError("labels must be distinct")
-        if self.in_channels not in (1, 3):
-            raise ValueError("in_channels must be 1 or 3")
-        if self.resize_mode not in FIT_MODES:
-            raise ValueError(f"resize_mode must be one of {FIT_MODES}")
-        if self.guidance_min > self.guidance_max:
-            raise ValueError("guidance_min must be <= guidance_max")
-        return self
 
 
 class ShardEntry(StrictModel):

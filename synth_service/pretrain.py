@@ -14,52 +14,18 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
-import pydantic
 import torch
 from torch.nn import functional
 
-from gptfl.config_loading import StrictModel
 from gptfl.data.dataset import ArrayDataset
 from gptfl.errors import ValidationError
 from gptfl.models import ModelSpec, build_model
+from gptfl.synth_spec import PretrainSettings
 from gptfl.training import evaluate
 
 logger = logging.getLogger(__name__)
-
-
-class PretrainSettings(StrictModel):
-    """Hyper-parameters of a pretraining run.
-
-    Attributes:
-        epochs: passes over the training part.
-        batch_size: examples per step.
-        optimizer: ``"sgd"`` (with momentum) or ``"adamw"``.
-        learning_rate: peak learning rate.
-        momentum: SGD momentum.
-        weight_decay: L2 penalty (SGD) or decoupled weight decay (AdamW).
-        schedule: ``"cosine"`` (decays to 0 at the end) or ``"constant"``.
-        warmup_epochs: linear warm-up before the schedule.
-        max_shift: augmentation: random shift in pixels along each axis (0: off).
-        label_smoothing: cross-entropy label smoothing.
-        val_fraction: share of each label held out for validation.
-        seed: seed of the split, the initial weights, the order and the augmentation.
-    """
-
-    epochs: int = pydantic.Field(default=10, ge=1)
-    batch_size: int = pydantic.Field(default=64, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    learning_rate: float = pydantic.Field(default=0.05, gt=0.0)
-    momentum: float = pydantic.Field(default=0.9, ge=0.0, lt=1.0)
-    weight_decay: float = pydantic.Field(default=5e-4, ge=0.0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: int = pydantic.Field(default=0, ge=0)
-    max_shift: int = pydantic.Field(default=1, ge=0)
-    label_smoothing: float = pydantic.Field(default=0.0, ge=0.0, lt=1.0)
-    val_fraction: float = pydantic.Field(default=0.1, ge=0.0, lt=1.0)
-    seed: int = 0
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from typing import Literal
 
 import numpy as np
 
-from gptfl.data.dataset import RESIZE_MODES, fit_to_shape
+from gptfl.data.dataset import fit_to_shape
 from gptfl.errors import ConfigError, ValidationError
+from gptfl.synth_spec import FIT_MODES
 
 FitMode = Literal["stretch", "center-crop", "pad", "ink-box"]
-FIT_MODES: tuple[str, ...] = (*RESIZE_MODES, "ink-box")
 
 
 def fit_images(

@@ -104,7 +104,7 @@ class ClassConditionalGenerator:
         root = Path(path)
         if not root.is_dir():
             raise ConfigError(f"class-conditional generator {root} does not exist")
-        meta = _read_labels_file(root / LABELS_FILE)
+        meta = read_labels_file(root / LABELS_FILE)
         torch_device = resolve_device(device)
         try:
             unet = diffusers.UNet2DModel.from_pretrained(
@@ -251,7 +251,12 @@ class ClassConditionalGenerator:
         return result
 
 
-def _read_labels_file(path: Path) -> dict[str, Any]:
+def read_labels_file(path: Path) -> dict[str, Any]:
+    """Reads and checks ``gptfl_labels.json`` (see the module docstring) without the model.
+
+    Raises:
+        ConfigError: a missing file or a malformed field.
+    """
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:

@@ -23,6 +23,7 @@ import yaml
 from coordinator.config import CoordinatorConfig
 from gptfl.config_loading import parse_config
 from silo_agent.config import SiloConfig
+from synth_service.config import SynthConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CHARTS = ROOT / "deploy" / "helm"
@@ -569,11 +570,51 @@ def test_synth_variants(renders: Path) -> None:
         "diffusers-weights"
     )
     assert not of_kind(scaled, "PersistentVolumeClaim")
-    config = yaml.safe_load(one(scaled, "ConfigMap")["data"]["synth.yaml"])
-    assert config["generator"]["dtype"] == "float16"  # free-form config passed as it is
+    config = parse_config(
+        SynthConfig, yaml.safe_load(one(scaled, "ConfigMap")["data"]["synth.yaml"]), source="ci"
+    )
+    assert config.device == "cuda:0" and config.text_to_image_batch_size == 16
 
     cpu = one(load(renders, "synth-service", "cpu"), "Deployment")
     assert "nvidia.com/gpu" not in container(cpu)["resources"].get("limits", {})
+
+
+def test_synth_config_is_valid_for_the_service_and_matches_the_pod(renders: Path) -> None:
+    for where, docs in all_renders(renders, "synth-service"):
+        deployment = one(docs, "Deployment")
+        text = one(docs, "ConfigMap")["data"]["synth.yaml"]
+        cfg = parse_config(SynthConfig, yaml.safe_load(text), source=where)
+        assert container(deployment)["args"] == ["gptfl-synth", "--config", "/etc/gptfl/synth.yaml"]
+        assert mounts(deployment)["config"]["mountPath"] == "/etc/gptfl/synth.yaml"
+        assert cfg.tls is not None and not cfg.insecure
+        tls_dir = mounts(deployment)["tls"]["mountPath"]
+        assert {str(cfg.tls.ca), str(cfg.tls.cert), str(cfg.tls.key)} == {
+            f"{tls_dir}/ca.pem",
+            f"{tls_dir}/cert.pem",
+            f"{tls_dir}/key.pem",
+        }
+        ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+        assert cfg.address.endswith(f":{ports['grpc']}")
+        assert cfg.health_address.endswith(f":{ports['health']}")
+        assert cfg.metrics_address.endswith(f":{ports['metrics']}")
+        # generators and datasets live on the models volume (the root file system is
+        # read-only, and datasets must outlive the scale-down between phases)
+        models = mounts(deployment)["models"]["mountPath"]
+        assert str(cfg.models_dir) == models
+        assert str(cfg.data_dir).startswith(models + "/")
+        assert (
+            cfg.shutdown_grace_s
+            < deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        )
+        checksum = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        assert checksum == hashlib.sha256(text.rstrip("\n").encode()).hexdigest()
+
+
+def test_synth_schema_refuses_keys_the_service_does_not_know(helm: Path) -> None:
+    err = render_error(helm, "synth-service", "--set", "config.generator=sd")
+    assert "/config" in err and "'generator' not allowed" in err
+    err = render_error(helm, "synth-service", "--set", "config.device=tpu")
+    assert "/config/device" in err
 
 
 def test_coordinator_rbac_names_the_synth_chart_deployment(helm: Path, renders: Path) -> None:

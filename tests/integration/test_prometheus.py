@@ -13,6 +13,10 @@ After the job it waits until Prometheus has scraped every process again, then
 - checks that Prometheus evaluated every alert rule without error and that none fires;
 - scrapes each process's ``/metrics`` directly and requires every metric family its metrics
   module declares to have been updated by the job (the exceptions are listed with reasons).
+
+A second test does the same for the synth service: it starts it as a process (the way
+``make demo`` does), scrapes it, runs a short Generate and Pretrain through it over mutual TLS,
+and then runs every expression that needs the synth service.
 """
 
 from __future__ import annotations
@@ -41,7 +45,12 @@ from coordinator.metrics import CoordinatorMetrics
 from gptfl.cli.demo_cmd import digits_job_spec, digits_silos
 from gptfl.errors import all_reasons
 from gptfl.local_cluster import LocalCluster, SiloPlan
+from gptfl.models import ModelSpec
+from gptfl.pki import participant_files
+from gptfl.synth_client import SynthClient
+from gptfl.synth_spec import GeneratorSettings, PretrainSettings, SynthesisRequest
 from silo_agent.metrics import SiloMetrics
+from synth_service.metrics import SynthMetrics
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +65,7 @@ RUNNING = {"coordinator", "silo"}  # the processes this test scrapes
 KNOWN_NEEDS = RUNNING | {"synth"}
 COORDINATOR_JOB = "gptfl-coordinator"
 SILO_JOB = "gptfl-silo"
+SYNTH_JOB = "gptfl-synth"
 
 # Declared metric families that legitimately keep their initial value in a clean job, and why.
 # Each is still required to be exposed with the series named here.
@@ -63,6 +73,14 @@ STAY_INITIAL: dict[str, str] = {
     "gptfl_updates_rejected": (
         "no update is rejected in a clean run; the series of every reason exist at 0 from the "
         "start so rates and the rejection alert have data"
+    ),
+}
+
+# The same for the synth service's families.
+SYNTH_STAY_INITIAL: dict[str, str] = {
+    "gptfl_synth_gpu_memory_bytes": (
+        "the test runs the service on the CPU; the gauge is only set on a CUDA device (it is "
+        "still exposed, at 0, so the dashboard panel has data)"
     ),
 }
 
@@ -216,7 +234,11 @@ def _updated(kind: str, samples: list[Sample]) -> bool:
 
 
 def _check_declared_metrics_updated(
-    who: str, declared: Families, exposed: Families, problems: list[str]
+    who: str,
+    declared: Families,
+    exposed: Families,
+    problems: list[str],
+    stay_initial: dict[str, str] = STAY_INITIAL,
 ) -> None:
     for name, (kind, initial) in declared.items():
         if name not in exposed:
@@ -224,7 +246,7 @@ def _check_declared_metrics_updated(
             continue
         exposed_kind, samples = exposed[name]
         assert exposed_kind == kind, (who, name, exposed_kind, kind)
-        if name in STAY_INITIAL:
+        if name in stay_initial:
             continue
         values = {(s.name, tuple(sorted(s.labels.items())), s.value) for s in samples}
         first = {(s.name, tuple(sorted(s.labels.items())), s.value) for s in initial}
@@ -423,3 +445,96 @@ def test_dashboard_and_alert_queries_return_data_from_a_live_job(
         for kind in ("train", "evaluate"):
             for outcome in ("failed", "rejected"):
                 assert _value(families, "gptfl_silo_tasks_total", kind=kind, outcome=outcome) == 0
+
+
+def test_synth_queries_return_data_from_a_live_generate_and_pretrain(
+    tmp_path: Path, prometheus_binary: Path, record_property: Callable[[str, object], None]
+) -> None:
+    entries: list[dict[str, Any]] = yaml.safe_load(QUERIES.read_text())
+    synth_entries = [e for e in entries if "synth" in e["needs"]]
+    assert synth_entries and all(e["needs"] == ["synth"] for e in synth_entries)
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(_cluster(tmp_path / "work", []))
+        cluster.provision()
+        address = cluster.start_synth(timeout_s=60)
+        assert cluster.synth_metrics_port is not None
+        port = cluster.synth_metrics_port
+
+        prom_dir = tmp_path / "prometheus"
+        prom_dir.mkdir()
+        prom = Prometheus(prometheus_binary, prom_dir, {SYNTH_JOB: [port]})
+        stack.callback(prom.stop)
+        prom.wait_ready(timeout_s=30)
+
+        def logs() -> str:
+            return f"--- prometheus\n{prom.log_tail()}\n--- synth\n{cluster.log_tail('synth', 20)}"
+
+        _wait(
+            "the synth target up",
+            lambda: [t["health"] for t in prom.targets()] == ["up"],
+            20,
+            logs,
+        )
+        labels = [str(d) for d in range(10)]
+        with SynthClient(address, tls=participant_files(cluster.pki_dir, "coordinator")) as client:
+            client.wait_ready(30)
+            info = client.generate(
+                backend="class-conditional",
+                generator="digits",
+                request=SynthesisRequest(
+                    labels=labels,
+                    images_per_label=4,
+                    in_channels=1,
+                    image_size=8,
+                    resize_mode="ink-box",
+                    guidance_min=1.0,
+                    guidance_max=1.0,
+                ),
+                generator_settings=GeneratorSettings(num_inference_steps=3),
+            )
+            outcome = client.pretrain(
+                dataset_id=info.dataset_id,
+                model=ModelSpec(arch="cnn-small", num_classes=10, in_channels=1, image_size=8),
+                settings=PretrainSettings(epochs=2, batch_size=16, val_fraction=0.25),
+            )
+        assert len(outcome.epochs) == 2
+
+        final_at = time.time()
+        synth = _scrape(port)
+        _wait(
+            "a scrape of the synth service after the work",
+            lambda: (
+                [float(s["value"][1]) > final_at for s in prom.query("timestamp(up)")] == [True]
+            ),
+            15,
+            logs,
+        )
+        checked: list[str] = []
+        failures: list[str] = []
+        for entry in synth_entries:
+            result = prom.query(entry["expr"])
+            values = [float(s["value"][1]) for s in result]
+            if entry["expect"] == "data" and not any(math.isfinite(v) for v in values):
+                failures.append(f"{entry['id']}: {entry['expr']} -> {result}")
+            checked.append(entry["id"])
+        for rule in [r for g in prom.api("rules")["groups"] for r in g["rules"]]:
+            assert rule["health"] == "ok", rule
+            assert rule["state"] != "firing", rule
+    assert not failures, "expressions without data:\n" + "\n".join(failures)
+    record_property("prometheus_synth_expressions_with_data", checked)
+
+    problems: list[str] = []
+    _check_declared_metrics_updated(
+        "synth",
+        _declared(SynthMetrics.create().registry),
+        synth,
+        problems,
+        stay_initial=SYNTH_STAY_INITIAL,
+    )
+    assert not problems, "\n".join(problems)
+    assert _value(synth, "gptfl_synth_images_generated_total") == 40
+    assert _value(synth, "gptfl_synth_pretrain_epoch") == 2
+    assert _value(synth, "gptfl_synth_pretrain_epoch_accuracy") == pytest.approx(
+        outcome.final_val_accuracy
+    )
+    assert _value(synth, "gptfl_synth_images_per_second") > 0

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from gptfl.proto.v1 import common_pb2 as gptfl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gptfl/v1/synth.proto\x12\x08gptfl.v1\x1a\x15gptfl/v1/common.proto\"K\n\x0fGenerateRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x11\n\tgenerator\x18\x02 \x01(\t\x12\x14\n\x0crequest_json\x18\x03 \x01(\t\"G\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xfb\x01\n\x0b\x44\x61tasetInfo\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x02 \x01(\t\x12\x14\n\x0cgenerator_id\x18\x03 \x01(\t\x12\x16\n\x0egenerator_hash\x18\x04 \x01(\t\x12\x0e\n\x06images\x18\x05 \x01(\x04\x12\x31\n\x06\x63ounts\x18\x06 \x03(\x0b\x32!.gptfl.v1.DatasetInfo.CountsEntry\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"j\n\rGenerateEvent\x12&\n\x08progress\x18\x01 \x01(\x0b\x32\x12.gptfl.v1.ProgressH\x00\x12(\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.gptfl.v1.DatasetInfoH\x00\x42\x07\n\x05\x65vent\"`\n\x0fPretrainRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.gptfl.v1.ModelSpec\x12\x15\n\rsettings_json\x18\x03 \x01(\t\"z\n\x0c\x45pochMetrics\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\r\x12\x12\n\ntrain_loss\x18\x03 \x01(\x01\x12\x10\n\x08val_loss\x18\x04 \x01(\x01\x12\x14\n\x0cval_accuracy\x18\x05 \x01(\x01\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\x80\x01\n\x0fPretrainSummary\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x1c\n\x14initial_val_accuracy\x18\x02 \x01(\x01\x12\x1a\n\x12\x66inal_val_accuracy\x18\x03 \x01(\x01\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"\x9e\x01\n\rPretrainEvent\x12\'\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x16.gptfl.v1.EpochMetricsH\x00\x12-\n\x07weights\x18\x02 \x01(\x0b\x32\x1a.gptfl.v1.WeightStreamPartH\x00\x12,\n\x07summary\x18\x03 \x01(\x0b\x32\x19.gptfl.v1.PretrainSummaryH\x00\x42\x07\n\x05\x65vent2\x8b\x01\n\x05Synth\x12@\n\x08Generate\x12\x19.gptfl.v1.GenerateRequest\x1a\x17.gptfl.v1.GenerateEvent0\x01\x12@\n\x08Pretrain\x12\x19.gptfl.v1.PretrainRequest\x1a\x17.gptfl.v1.PretrainEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gptfl/v1/synth.proto\x12\x08gptfl.v1\x1a\x15gptfl/v1/common.proto\"c\n\x0fGenerateRequest\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x11\n\tgenerator\x18\x02 \x01(\t\x12\x14\n\x0crequest_json\x18\x03 \x01(\t\x12\x16\n\x0egenerator_json\x18\x04 \x01(\t\"G\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x0f\n\x07message\x18\x04 \x01(\t\"\xfb\x01\n\x0b\x44\x61tasetInfo\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x02 \x01(\t\x12\x14\n\x0cgenerator_id\x18\x03 \x01(\t\x12\x16\n\x0egenerator_hash\x18\x04 \x01(\t\x12\x0e\n\x06images\x18\x05 \x01(\x04\x12\x31\n\x06\x63ounts\x18\x06 \x03(\x0b\x32!.gptfl.v1.DatasetInfo.CountsEntry\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"j\n\rGenerateEvent\x12&\n\x08progress\x18\x01 \x01(\x0b\x32\x12.gptfl.v1.ProgressH\x00\x12(\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.gptfl.v1.DatasetInfoH\x00\x42\x07\n\x05\x65vent\"`\n\x0fPretrainRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.gptfl.v1.ModelSpec\x12\x15\n\rsettings_json\x18\x03 \x01(\t\"z\n\x0c\x45pochMetrics\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\r\x12\x12\n\ntrain_loss\x18\x03 \x01(\x01\x12\x10\n\x08val_loss\x18\x04 \x01(\x01\x12\x14\n\x0cval_accuracy\x18\x05 \x01(\x01\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\x80\x01\n\x0fPretrainSummary\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x1c\n\x14initial_val_accuracy\x18\x02 \x01(\x01\x12\x1a\n\x12\x66inal_val_accuracy\x18\x03 \x01(\x01\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\"\x9e\x01\n\rPretrainEvent\x12\'\n\x05\x65poch\x18\x01 \x01(\x0b\x32\x16.gptfl.v1.EpochMetricsH\x00\x12-\n\x07weights\x18\x02 \x01(\x0b\x32\x1a.gptfl.v1.WeightStreamPartH\x00\x12,\n\x07summary\x18\x03 \x01(\x0b\x32\x19.gptfl.v1.PretrainSummaryH\x00\x42\x07\n\x05\x65vent2\x8b\x01\n\x05Synth\x12@\n\x08Generate\x12\x19.gptfl.v1.GenerateRequest\x1a\x17.gptfl.v1.GenerateEvent0\x01\x12@\n\x08Pretrain\x12\x19.gptfl.v1.PretrainRequest\x1a\x17.gptfl.v1.PretrainEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASETINFO_COUNTSENTRY']._loaded_options = None
   _globals['_DATASETINFO_COUNTSENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=57
-  _globals['_GENERATEREQUEST']._serialized_end=132
-  _globals['_PROGRESS']._serialized_start=134
-  _globals['_PROGRESS']._serialized_end=205
-  _globals['_DATASETINFO']._serialized_start=208
-  _globals['_DATASETINFO']._serialized_end=459
-  _globals['_DATASETINFO_COUNTSENTRY']._serialized_start=414
-  _globals['_DATASETINFO_COUNTSENTRY']._serialized_end=459
-  _globals['_GENERATEEVENT']._serialized_start=461
-  _globals['_GENERATEEVENT']._serialized_end=567
-  _globals['_PRETRAINREQUEST']._serialized_start=569
-  _globals['_PRETRAINREQUEST']._serialized_end=665
-  _globals['_EPOCHMETRICS']._serialized_start=667
-  _globals['_EPOCHMETRICS']._serialized_end=789
-  _globals['_PRETRAINSUMMARY']._serialized_start=792
-  _globals['_PRETRAINSUMMARY']._serialized_end=920
-  _globals['_PRETRAINEVENT']._serialized_start=923
-  _globals['_PRETRAINEVENT']._serialized_end=1081
-  _globals['_SYNTH']._serialized_start=1084
-  _globals['_SYNTH']._serialized_end=1223
+  _globals['_GENERATEREQUEST']._serialized_end=156
+  _globals['_PROGRESS']._serialized_start=158
+  _globals['_PROGRESS']._serialized_end=229
+  _globals['_DATASETINFO']._serialized_start=232
+  _globals['_DATASETINFO']._serialized_end=483
+  _globals['_DATASETINFO_COUNTSENTRY']._serialized_start=438
+  _globals['_DATASETINFO_COUNTSENTRY']._serialized_end=483
+  _globals['_GENERATEEVENT']._serialized_start=485
+  _globals['_GENERATEEVENT']._serialized_end=591
+  _globals['_PRETRAINREQUEST']._serialized_start=593
+  _globals['_PRETRAINREQUEST']._serialized_end=689
+  _globals['_EPOCHMETRICS']._serialized_start=691
+  _globals['_EPOCHMETRICS']._serialized_end=813
+  _globals['_PRETRAINSUMMARY']._serialized_start=816
+  _globals['_PRETRAINSUMMARY']._serialized_end=944
+  _globals['_PRETRAINEVENT']._serialized_start=947
+  _globals['_PRETRAINEVENT']._serialized_end=1105
+  _globals['_SYNTH']._serialized_start=1108
+  _globals['_SYNTH']._serialized_end=1247
 # @@protoc_insertion_point(module_scope)

@@ -9,14 +9,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("backend", "generator", "request_json")
+    __slots__ = ("backend", "generator", "request_json", "generator_json")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     REQUEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_JSON_FIELD_NUMBER: _ClassVar[int]
     backend: str
     generator: str
     request_json: str
-    def __init__(self, backend: _Optional[str] = ..., generator: _Optional[str] = ..., request_json: _Optional[str] = ...) -> None: ...
+    generator_json: str
+    def __init__(self, backend: _Optional[str] = ..., generator: _Optional[str] = ..., request_json: _Optional[str] = ..., generator_json: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "done", "total", "message")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from gptfl.errors import ChecksumError, ConfigError, ResourceLimitError, ValidationError
+from gptfl.synth_spec import SynthesisRequest
 from synth_service.artifacts import (
     MANIFEST_NAME,
-    SynthesisRequest,
     SyntheticDataset,
     check_disk_space,
     estimate_artifact_bytes,

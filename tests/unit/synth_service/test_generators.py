@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from gptfl.errors import ConfigError, ValidationError
-from synth_service.artifacts import SynthesisRequest, synthesize
+from gptfl.synth_spec import SynthesisRequest
+from synth_service.artifacts import synthesize
 from synth_service.generators import (
     BUNDLED_DIGITS_GENERATOR,
     ImageSpec,

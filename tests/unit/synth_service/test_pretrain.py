@@ -11,10 +11,10 @@ import torch
 from gptfl.data.dataset import ArrayDataset
 from gptfl.errors import ValidationError
 from gptfl.models import ModelSpec, build_model
+from gptfl.synth_spec import PretrainSettings
 from gptfl.training import evaluate
 from synth_service.pretrain import (
     EpochMetrics,
-    PretrainSettings,
     pretrain,
     random_shift,
     stratified_split,
