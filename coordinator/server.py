@@ -6,8 +6,6 @@ import logging
 import os
 from dataclasses import dataclass
 
-from prometheus_client import start_http_server
-
 from coordinator.admin_servicer import AdminServicer
 from coordinator.config import CoordinatorConfig
 from coordinator.fleet_servicer import FleetServicer
@@ -20,6 +18,7 @@ from coordinator.tasks import TaskBoard
 from gptfl import atomic_io
 from gptfl.proto.v1 import admin_pb2_grpc, fleet_pb2_grpc
 from gptfl.rpc import Server, start_health_server, start_server
+from gptfl.service_process import start_metrics_http
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +103,7 @@ def start_coordinator(
         name="admin",
     )
     health = start_health_server(config.health_address) if config.health_address else None
-    metrics_port = None
-    if config.metrics_address:
-        host, _, port = config.metrics_address.rpartition(":")
-        server, _thread = start_http_server(
-            int(port), addr=host or "0.0.0.0", registry=metrics.registry
-        )
-        metrics_port = server.server_port
+    metrics_port = start_metrics_http(config.metrics_address, metrics.registry)
     log.info(
         "coordinator up: fleet %s, admin %s%s%s (%s)",
         fleet.address,

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
-from pathlib import Path
-from types import FrameType
 
 import torch
 
-from gptfl.config_loading import load_config
 from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, GptflError, PkiError
 from gptfl.logging_setup import configure_logging
+from gptfl.service_process import load_service_config, service_parser, stop_on_signals
 from gptfl.training import resolve_device
 from synth_service.config import ENV_PREFIX, SynthConfig
 from synth_service.server import start_synth_service
@@ -23,28 +18,14 @@ from synth_service.server import start_synth_service
 log = logging.getLogger("synth_service")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def main(argv: Sequence[str] | None = None) -> int:
+    args = service_parser(
         prog="gptfl-synth",
         description="Run the GPT-FL synth service (synthetic data generation and pretraining).",
-    )
-    parser.add_argument("--config", type=Path, required=True, help="synth.yaml")
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="serve plaintext gRPC without client certificates (development only)",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+        config_name="synth.yaml",
+    ).parse_args(argv)
     try:
-        overrides = {"insecure": True, "tls": None} if args.insecure else None
-        config = load_config(SynthConfig, args.config, env_prefix=ENV_PREFIX, overrides=overrides)
-        if config.tls is not None:
-            config.tls.files().read()  # unreadable certificates fail here, in one line
+        config = load_service_config(SynthConfig, args, env_prefix=ENV_PREFIX)
         resolve_device(config.device)  # "cuda" on a machine without CUDA fails here
     except (ConfigError, PkiError) as exc:
         print(f"gptfl-synth: {exc}", file=sys.stderr)
@@ -62,15 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # RuntimeError: grpcio reports an address already in use this way.
         print(f"gptfl-synth: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stop.wait()
+    stop_on_signals().wait()
     service.stop()
     return EXIT_OK
 

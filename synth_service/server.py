@@ -6,11 +6,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from prometheus_client import start_http_server
-
 from gptfl import atomic_io
 from gptfl.proto.v1 import synth_pb2_grpc
 from gptfl.rpc import Server, start_health_server, start_server
+from gptfl.service_process import start_metrics_http
 from synth_service.config import SynthConfig
 from synth_service.engine import SynthEngine
 from synth_service.metrics import SynthMetrics
@@ -71,13 +70,7 @@ def start_synth_service(config: SynthConfig) -> SynthService:
         name="synth",
     )
     health = start_health_server(config.health_address) if config.health_address else None
-    metrics_port = None
-    if config.metrics_address:
-        host, _, port = config.metrics_address.rpartition(":")
-        http, _thread = start_http_server(
-            int(port), addr=host or "0.0.0.0", registry=metrics.registry
-        )
-        metrics_port = http.server_port
+    metrics_port = start_metrics_http(config.metrics_address, metrics.registry)
     log.info(
         "synth service up: %s%s%s (%s) on %s; generators: %s",
         api.address,

@@ -1,0 +1,83 @@
+"""What every GPT-FL service process does the same way: its command line, loading its config
+(one-line errors, certificates checked at start), its metrics endpoint, and waiting for
+SIGTERM/SIGINT. Used by ``gptfl-coordinator``, ``gptfl-silo`` and ``gptfl-synth``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Protocol, TypeVar
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from gptfl.config_loading import load_config
+from gptfl.tls_config import TlsConfig
+
+log = logging.getLogger(__name__)
+
+
+class _ServiceConfig(Protocol):
+    @property
+    def tls(self) -> TlsConfig | None: ...
+
+
+C = TypeVar("C", bound=_ServiceConfig)
+
+
+def service_parser(*, prog: str, description: str, config_name: str) -> argparse.ArgumentParser:
+    """``--config FILE``, ``--insecure`` and ``-v``, the options every service takes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", type=Path, required=True, help=config_name)
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC without certificates (development only; logs a warning)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def load_service_config(model: type[C], args: argparse.Namespace, *, env_prefix: str) -> C:
+    """Loads ``args.config`` with environment overrides and ``--insecure`` applied before
+    validation, then reads the certificates so that unreadable ones fail at start.
+
+    Raises:
+        ConfigError: the file, a key or a value is wrong.
+        PkiError: a certificate or key file cannot be read.
+    """
+    overrides = {"insecure": True, "tls": None} if args.insecure else None
+    config = load_config(model, args.config, env_prefix=env_prefix, overrides=overrides)  # type: ignore[type-var]
+    if config.tls is not None:
+        config.tls.files().read()
+    return config
+
+
+def start_metrics_http(address: str, registry: CollectorRegistry) -> int | None:
+    """Serves ``registry`` on ``host:port`` (port 0: any free port); returns the bound port.
+
+    An empty address disables the endpoint.
+    """
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+    bound: int = server.server_port
+    return bound
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by the first SIGTERM or SIGINT (install from the main thread)."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
