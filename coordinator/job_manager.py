@@ -21,11 +21,12 @@ from coordinator.initial_model import file_initial_model, random_initial_model
 from coordinator.job_runner import InitialModel, JobRunner
 from coordinator.job_state import JobState, Phase
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.pretrain_phase import SynthAccess, run_pretrain_phase
 from coordinator.report import build_summary
 from coordinator.silo_registry import SiloRegistry
 from coordinator.tasks import TaskBoard
 from gptfl import atomic_io
-from gptfl.errors import GptflError, JobStateError
+from gptfl.errors import ConfigError, GptflError, JobStateError
 from gptfl.job_spec import JobSpec, parse_job_spec
 from gptfl.models import build_model
 from gptfl.weights import WeightMap
@@ -53,6 +54,18 @@ def default_initial_model(runner: JobRunner) -> tuple[WeightMap, dict[str, Any]]
     return random_initial_model(runner.spec)
 
 
+def initial_model_with_pretrain(synth: SynthAccess) -> InitialModel:
+    """Like :func:`default_initial_model`, plus the GPT-FL pretrain phase for jobs with a
+    ``pretrain`` section (through ``synth``)."""
+
+    def initial_model(runner: JobRunner) -> tuple[WeightMap, dict[str, Any]]:
+        if runner.spec.pretrain is not None:
+            return run_pretrain_phase(runner, synth)
+        return default_initial_model(runner)
+
+    return initial_model
+
+
 class JobManager:
     def __init__(
         self,
@@ -64,8 +77,18 @@ class JobManager:
         metrics: CoordinatorMetrics,
         max_concurrent_uploads: int = 1,
         checkpoints_to_keep: int = 3,
-        initial_model: InitialModel = default_initial_model,
+        initial_model: InitialModel | None = None,
+        synth: SynthAccess | None = None,
     ) -> None:
+        """Args (beyond the shared state): ``initial_model`` overrides where every job's
+        first model comes from (tests, benchmarks); by default it is the spec's file, the
+        pretrain phase through ``synth`` (None: jobs with a ``pretrain`` section are refused),
+        or a random initialisation."""
+        if initial_model is None:
+            initial_model = (
+                initial_model_with_pretrain(synth) if synth is not None else default_initial_model
+            )
+        self._synth = synth
         self._state_dir = state_dir
         self._runs_dir = runs_dir
         self._registry = registry
@@ -86,6 +109,7 @@ class JobManager:
         # Problems the spec can only show against this coordinator (an unknown architecture, a
         # validation set that is not there) fail the submission, not the job later.
         build_model(spec.model)
+        self._check_pretrain(spec)
         evaluator = _evaluator_for(spec)
         ending = self._runner
         if ending is not None and ending.state.phase.terminal:
@@ -120,6 +144,13 @@ class JobManager:
             spec.strategy.name,
         )
         return job_id
+
+    def _check_pretrain(self, spec: JobSpec) -> None:
+        if spec.pretrain is None:
+            return
+        if self._synth is None:
+            raise ConfigError("this coordinator cannot run jobs with a pretrain section")
+        self._synth.target(spec.pretrain)  # raises when no synth service is named anywhere
 
     def stop(self, reason: str) -> str:
         with self._lock:

@@ -43,6 +43,10 @@ class JobFailed(Exception):
     """The job cannot go on (quorum missed, initialisation failed); the message says why."""
 
 
+class JobInterrupted(Exception):
+    """The job was stopped (or the coordinator began shutting down) during a long phase."""
+
+
 @dataclass(frozen=True)
 class UpdateHeader:
     task_id: str
@@ -158,6 +162,15 @@ class JobRunner:
     @property
     def global_model(self) -> ModelVersion | None:
         return self._global
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once the job was asked to stop or the coordinator is shutting down."""
+        return self._stop.is_set()
+
+    def report_pretrain(self, message: str) -> None:
+        """Status of the pretrain phase (see :mod:`coordinator.pretrain_phase`)."""
+        self._set_phase(Phase.PRETRAIN, message)
 
     # ---- called from gRPC threads -----------------------------------------------------
 
@@ -276,18 +289,19 @@ class JobRunner:
                     break
                 self._run_round(number)
             if self._suspended:
-                self._flush_checkpoint()
-                self._background.shutdown(wait=True)
-                self._board.wake_all()
-                log.info(
-                    "job %s suspended after round %d; a restart resumes it",
-                    self.job_id,
-                    len(self.state.rounds),
-                )
+                self._leave_suspended()
             elif self._stop.is_set():
                 self._end(Phase.STOPPED, f"stopped: {self._stop_reason}")
             else:
-                self._end(Phase.FINISHED, f"finished {self.spec.rounds} rounds")
+                self._end(
+                    Phase.FINISHED, f"finished {self.spec.rounds} rounds{self._fallback_note()}"
+                )
+        except JobInterrupted:
+            # Stopped before round 0 was checkpointed: a suspended job starts over on restart.
+            if self._suspended:
+                self._leave_suspended()
+            else:
+                self._end(Phase.STOPPED, f"stopped: {self._stop_reason}")
         except JobFailed as exc:
             log.error("job %s failed: %s", self.job_id, exc)
             self._end(Phase.FAILED, str(exc))
@@ -295,14 +309,49 @@ class JobRunner:
             log.exception("job %s crashed", self.job_id)
             self._end(Phase.FAILED, f"internal error: {type(exc).__name__}: {exc}")
 
+    def _leave_suspended(self) -> None:
+        self._flush_checkpoint()
+        self._background.shutdown(wait=True)
+        self._board.wake_all()
+        log.info(
+            "job %s suspended after round %d; a restart resumes it",
+            self.job_id,
+            len(self.state.rounds),
+        )
+
     def _initialise(self) -> None:
         try:
             weights, provenance = self._initial_model(self)
         except GptflError as exc:
             raise JobFailed(f"initial model: {exc}") from exc
-        self.state.initialisation = provenance
+        provenance = dict(provenance)
+        if self._evaluator is not None:
+            # Round 0: how good the starting point is (for a pretrained model, the
+            # synthetic-only accuracy on the real validation set).
+            started = time.monotonic()
+            result = self._evaluator.evaluate(weights)
+            provenance["evaluation"] = {
+                "test_accuracy": _finite(result.accuracy),
+                "test_loss": _finite(result.loss),
+                "examples": result.num_examples,
+            }
+            log.info(
+                "job %s: initial model (%s): test accuracy %s (%.2fs)",
+                self.job_id,
+                provenance.get("kind", "?"),
+                _pct(result.accuracy),
+                time.monotonic() - started,
+            )
+        with self._lock:
+            self.state.initialisation = provenance
         self._set_global(weights)
         self._checkpoint()  # round 0: a restart never repeats the initialisation
+
+    def _fallback_note(self) -> str:
+        fallback = self.state.initialisation.get("fallback")
+        if not isinstance(fallback, dict):
+            return ""
+        return f" (from a random initialisation: {fallback.get('from', 'initial model')} failed)"
 
     def _set_global(self, weights: WeightMap) -> None:
         self._global = ModelVersion(weights, build_manifest(weights))
@@ -389,7 +438,9 @@ class JobRunner:
         with self._lock:
             self._round = progress
             self.state.round = number
-            self.state.message = f"round {number}: training on {len(selected)} silos"
+            self.state.message = (
+                f"round {number}: training on {len(selected)} silos{self._fallback_note()}"
+            )
         self._metrics.current_round.set(number)
         self._board.publish(tasks)
         deadline = time.monotonic() + self.spec.round_deadline_s
@@ -534,13 +585,17 @@ class JobRunner:
             log.exception("job %s: writing the last checkpoint failed", self.job_id)
         self._background.shutdown(wait=True)
         self.state.finished_unix = time.time()
-        self._set_phase(phase, message)
-        self._board.wake_all()
+        with self._lock:
+            final = JobState.from_json(self.state.to_json())
+        final.phase, final.message = phase, message
         weights = self._global.weights if self._global is not None else None
         try:
-            export_job(self.state, weights, self.runs_dir / self.job_id)
+            export_job(final, weights, self.runs_dir / self.job_id)
         except Exception:
             log.exception("job %s: exporting the final model and report failed", self.job_id)
+        # Only now does the status turn terminal: whoever sees it finds the report written.
+        self._set_phase(phase, message)
+        self._board.wake_all()
         log.info("job %s %s: %s", self.job_id, phase.value, message)
         if self._on_end is not None:
             self._on_end(self)
@@ -551,6 +606,10 @@ def raise_stale(task: TaskRecord, claimed_round: int, current: int | None) -> No
         f"task {task.task_id} is for round {task.round} but the upload says round "
         f"{claimed_round}; the round in progress is {current}"
     )
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _pct(value: float | None) -> str:

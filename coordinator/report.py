@@ -6,6 +6,7 @@ round with at least ``round``, ``test_accuracy``, ``test_loss`` and ``seconds``.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,8 +63,10 @@ def plot_accuracy(state: JobState, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    initial = initial_test_accuracy(state.initialisation)
     series = {
-        "test (server-side)": [(r.round, r.test_accuracy) for r in state.rounds],
+        # Round 0 is the initial model (for GPT-FL: the synthetic-only accuracy).
+        "test (server-side)": [(0, initial)] + [(r.round, r.test_accuracy) for r in state.rounds],
         "federated (silo-side)": [(r.round, r.federated_accuracy) for r in state.rounds],
     }
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -88,6 +91,79 @@ def plot_accuracy(state: JobState, path: Path) -> bool:
     return plotted
 
 
+def initial_test_accuracy(initialisation: Mapping[str, Any]) -> float | None:
+    """The initial model's server-side test accuracy (round 0), when it was measured."""
+    evaluation = initialisation.get("evaluation")
+    if not isinstance(evaluation, Mapping):
+        return None
+    value = evaluation.get("test_accuracy")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def describe_initialisation(initialisation: Mapping[str, Any]) -> str:
+    """One line: where the first global model came from."""
+    kind = str(initialisation.get("kind", "random"))
+    fallback = initialisation.get("fallback")
+    if isinstance(fallback, Mapping):
+        return (
+            f"`{kind}` (seed {initialisation.get('seed')}): the {fallback.get('from')} phase "
+            f"failed ({fallback.get('reason')}); the job started from a random "
+            "initialisation (`on_failure: random`)"
+        )
+    if kind == "pretrain":
+        return (
+            f"`pretrain` (GPT-FL): pretrained on {initialisation.get('images')} synthetic "
+            f"images from generator `{initialisation.get('generator_id')}`"
+        )
+    if kind == "file":
+        return f"`file` {initialisation.get('path')} ({initialisation.get('sha256')})"
+    if kind == "random":
+        return f"`random` (seed {initialisation.get('seed')})"
+    return f"`{kind}`"
+
+
+def _initial_model_section(initialisation: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    initial = initial_test_accuracy(initialisation)
+    if initial is not None:
+        what = (
+            "synthetic-only accuracy"
+            if initialisation.get("kind") == "pretrain"
+            else "accuracy of the initial model"
+        )
+        lines += [f"- round 0 ({what}, server-side test set): **{_fmt(initial, True)}**"]
+    if initialisation.get("kind") != "pretrain":
+        return ["## Initial model", "", *lines, ""] if lines else []
+    pretrain = initialisation.get("pretrain", {})
+    request = initialisation.get("request", {})
+    lines += [
+        f"- synth service: `{initialisation.get('synth')}`, backend "
+        f"`{initialisation.get('backend')}`, generator `{initialisation.get('generator_id')}` "
+        f"(content hash `{initialisation.get('generator_hash')}`)",
+        f"- synthetic dataset `{initialisation.get('dataset_id')}` (manifest sha256 "
+        f"`{initialisation.get('manifest_sha256')}`): {initialisation.get('images')} images, "
+        f"{request.get('images_per_label')} per label, resize mode "
+        f"`{request.get('resize_mode')}`, guidance {request.get('guidance_min')}-"
+        f"{request.get('guidance_max')}, seed {request.get('seed')}; generated in "
+        f"{initialisation.get('generate', {}).get('seconds', 0.0):.1f} s on "
+        f"{initialisation.get('generate', {}).get('device')}",
+        f"- pretrained in {pretrain.get('seconds', 0.0):.1f} s on {pretrain.get('device')}: "
+        f"synthetic validation accuracy {_fmt(pretrain.get('initial_val_accuracy'), True)} "
+        f"-> {_fmt(pretrain.get('final_val_accuracy'), True)}; settings "
+        f"`{json.dumps(pretrain.get('settings', {}), sort_keys=True)}`",
+        f"- initial model sha256 `{initialisation.get('sha256')}`",
+        "",
+        "| epoch | train loss | synthetic val loss | synthetic val accuracy | seconds |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for e in pretrain.get("epochs", []):
+        lines.append(
+            f"| {e.get('epoch')} | {_fmt(e.get('train_loss'))} | {_fmt(e.get('val_loss'))} | "
+            f"{_fmt(e.get('val_accuracy'), True)} | {e.get('seconds', 0.0):.2f} |"
+        )
+    return ["## Initial model (GPT-FL pretrain phase)", "", *lines, ""]
+
+
 def _fmt(value: float | None, pct: bool = False) -> str:
     if value is None:
         return "-"
@@ -101,11 +177,12 @@ def render_markdown(summary: Mapping[str, Any], *, plot_name: str | None) -> str
         f"- status: **{summary['status']}** {summary['message']}".rstrip(),
         f"- model: `{summary['model'].get('arch')}` ({summary['model'].get('sha256')})",
         f"- strategy: `{summary['strategy'].get('name', 'fedavg')}`",
-        f"- initialisation: `{summary['initialisation'].get('kind', 'random')}`",
+        f"- initialisation: {describe_initialisation(summary['initialisation'])}",
         f"- rounds: {summary['rounds_completed']} of {summary['rounds_planned']}, "
         f"{summary['seconds']:.1f} s",
         "",
     ]
+    lines += _initial_model_section(summary["initialisation"])
     if plot_name:
         lines += [f"![accuracy per round]({plot_name})", ""]
     lines += [

@@ -13,6 +13,7 @@ from coordinator.job_manager import JobManager
 from coordinator.job_runner import InitialModel
 from coordinator.memory import pin_mmap_threshold
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.pretrain_phase import SynthAccess
 from coordinator.silo_registry import SiloRegistry
 from coordinator.tasks import TaskBoard
 from gptfl import atomic_io
@@ -74,6 +75,7 @@ def start_coordinator(
         metrics=metrics,
         max_concurrent_uploads=config.max_concurrent_uploads,
         checkpoints_to_keep=config.checkpoints_to_keep,
+        synth=SynthAccess.from_config(config),
         **extra,
     )
     fleet_servicer = FleetServicer(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
 
@@ -17,6 +17,12 @@ from gptfl.config_loading import StrictModel, parse_config, parse_yaml_text
 from gptfl.data.sources import DataSource
 from gptfl.errors import ConfigError
 from gptfl.models.spec import ModelSpec
+from gptfl.synth_spec import (
+    FIT_MODES,
+    GeneratorSettings,
+    PretrainSettings,
+    SynthesisRequest,
+)
 
 StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
@@ -59,6 +65,104 @@ class EvaluationSpec(StrictModel):
     federated: bool = True
 
 
+class GenerationSpec(StrictModel):
+    """How the synthetic images are drawn: the synthesis request without the labels, the
+    count and the shape (those come from :class:`PretrainSpec` and the job's model).
+
+    ``seed`` left out of a job spec is the job's ``seed`` (see :class:`JobSpec`).
+    """
+
+    resize_mode: str = "stretch"
+    seed: int = 0
+    prompts_per_label: int = pydantic.Field(16, ge=1)
+    prompt_overrides: dict[str, list[str]] = pydantic.Field(default_factory=dict)
+    guidance_min: float = pydantic.Field(1.0, ge=0.0)
+    guidance_max: float = pydantic.Field(5.0, ge=0.0)
+    guidance_step: float = pydantic.Field(0.5, ge=0.0)
+
+    @pydantic.field_validator("resize_mode")
+    @classmethod
+    def _check_resize_mode(cls, value: str) -> str:
+        if value not in FIT_MODES:
+            raise ValueError(f"must be one of {', '.join(FIT_MODES)}")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _guidance_range(self) -> GenerationSpec:
+        if self.guidance_min > self.guidance_max:
+            raise ValueError("guidance_min must be <= guidance_max")
+        return self
+
+
+class PretrainSpec(StrictModel):
+    """The GPT-FL pretrain phase: before round 1 the coordinator asks the synth service to
+    generate a synthetic dataset from the label names (Generate) and to train the job's model
+    on it (Pretrain); the result is the initial global model. Documented key by key in
+    docs/job-spec.md.
+    """
+
+    #: the synth service's address; by default the coordinator config's ``synth.address``
+    synth: str | None = pydantic.Field(None, min_length=1)
+    backend: Literal["class-conditional", "text-to-image"] = "class-conditional"
+    #: a generator folder under the synth service's models directory
+    generator: str = pydantic.Field(min_length=1, max_length=200)
+    #: label names in label order: label ``i`` of the task is ``labels[i]``
+    labels: list[str] = pydantic.Field(min_length=2)
+    images_per_label: int = pydantic.Field(ge=1, le=1_000_000)
+    generation: GenerationSpec = GenerationSpec()
+    generator_settings: GeneratorSettings = GeneratorSettings()
+    training: PretrainSettings = PretrainSettings()
+    #: ``fail``: a failed pretrain phase fails the job; ``random``: the job starts from a
+    #: seeded random initialisation instead, and says so in its status and report
+    on_failure: Literal["fail", "random"] = "fail"
+    #: how long to wait for the synth service to be serving (includes a GPU scale-up)
+    ready_timeout_s: float = pydantic.Field(600.0, gt=0)
+    generate_timeout_s: float = pydantic.Field(6 * 3600.0, gt=0)
+    pretrain_timeout_s: float = pydantic.Field(6 * 3600.0, gt=0)
+
+    @pydantic.field_validator("generator")
+    @classmethod
+    def _check_generator(cls, value: str) -> str:
+        if "/" in value or "\\" in value or value.startswith("."):
+            raise ValueError("must be a folder name under the synth service's models_dir")
+        return value
+
+    @pydantic.field_validator("labels")
+    @classmethod
+    def _check_labels(cls, value: list[str]) -> list[str]:
+        if any(not label.strip() for label in value):
+            raise ValueError("label names must not be empty")
+        if len(set(value)) != len(value):
+            raise ValueError("label names must be distinct")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _overrides_name_labels(self) -> PretrainSpec:
+        unknown = sorted(set(self.generation.prompt_overrides) - set(self.labels))
+        if unknown:
+            raise ValueError(
+                f"generation.prompt_overrides names label(s) not in labels: {', '.join(unknown)}"
+            )
+        return self
+
+    def synthesis_request(self, model: ModelSpec) -> SynthesisRequest:
+        """The Generate request for ``model``'s input shape."""
+        generation = self.generation
+        return SynthesisRequest(
+            labels=list(self.labels),
+            images_per_label=self.images_per_label,
+            in_channels=model.in_channels,
+            image_size=model.image_size,
+            resize_mode=generation.resize_mode,
+            seed=generation.seed,
+            prompts_per_label=generation.prompts_per_label,
+            prompt_overrides={k: list(v) for k, v in generation.prompt_overrides.items()},
+            guidance_min=generation.guidance_min,
+            guidance_max=generation.guidance_max,
+            guidance_step=generation.guidance_step,
+        )
+
+
 class JobSpec(StrictModel):
     """One federated job."""
 
@@ -75,6 +179,8 @@ class JobSpec(StrictModel):
     evaluation: EvaluationSpec = EvaluationSpec()
     #: start from these weights (a safetensors file on the coordinator) instead of random init
     initial_model: Path | None = None
+    #: GPT-FL: start from a model pretrained on synthetic data made by the synth service
+    pretrain: PretrainSpec | None = None
 
     @pydantic.field_validator("name")
     @classmethod
@@ -89,6 +195,36 @@ class JobSpec(StrictModel):
         if isinstance(value, float) and not 0 < value <= 1:
             raise ValueError("must be 'all' or a fraction in (0, 1]")
         return value
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _pretrain_seeds_default_to_job_seed(cls, data: Any) -> Any:
+        # Filled in here, not left to a default, so the spec the coordinator stores (and a
+        # restarted coordinator reads back) names the seeds the phase actually used.
+        if not isinstance(data, dict) or not isinstance(data.get("pretrain"), dict):
+            return data
+        seed = data.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            return data  # the seed's own validation reports it
+        pretrain = dict(data["pretrain"])
+        for section in ("generation", "training"):
+            value = pretrain.get(section, {})
+            if isinstance(value, dict) and "seed" not in value:
+                pretrain[section] = {**value, "seed": seed}
+        return {**data, "pretrain": pretrain}
+
+    @pydantic.model_validator(mode="after")
+    def _pretrain_fits_model(self) -> JobSpec:
+        if self.pretrain is None:
+            return self
+        if self.initial_model is not None:
+            raise ValueError("initial_model and pretrain exclude each other; set one of them")
+        if len(self.pretrain.labels) != self.model.num_classes:
+            raise ValueError(
+                f"pretrain.labels has {len(self.pretrain.labels)} names but model.num_classes "
+                f"is {self.model.num_classes}; name every class, in label order"
+            )
+        return self
 
     def silo_fraction(self) -> float:
         return 1.0 if self.silos_per_round == "all" else float(self.silos_per_round)

@@ -142,11 +142,20 @@ def print_status(status: StatusView) -> None:
 
 
 def follow(
-    client: AdminClient, *, interval_s: float = 0.5, out: Callable[[str], None] = print
+    client: AdminClient,
+    *,
+    interval_s: float = 0.5,
+    progress_interval_s: float = 5.0,
+    out: Callable[[str], None] = print,
 ) -> int:
-    """Prints a line per finished round until the job ends; returns an exit code."""
+    """Prints a line per finished round until the job ends; returns an exit code.
+
+    Before round 1 (the pretrain phase, waiting for silos) the status line is printed when
+    it changes, at most every ``progress_interval_s`` within a phase; the last line of a
+    phase is always printed.
+    """
     printed = 0
-    last_message = ""
+    progress = _ProgressLines(out, progress_interval_s)
     while True:
         status = client.status()
         for r in status.rounds[printed:]:
@@ -158,10 +167,48 @@ def follow(
                 f"  {r.seconds:5.2f}s"
             )
         printed = len(status.rounds)
-        if not status.rounds and status.message != last_message and not status.ended:
-            last_message = status.message
-            out(f"  {status.phase}: {status.message}")
+        if not status.rounds and not status.ended:
+            progress.update(status.phase, status.message)
+        else:
+            progress.flush()
         if status.ended:
             out(f"job {status.job_id} {status.phase}: {status.message}")
             return EXIT_OK if status.phase == "finished" else EXIT_JOB_FAILED
         time.sleep(interval_s)
+
+
+class _ProgressLines:
+    """Status lines of the phases before round 1, throttled within a phase."""
+
+    def __init__(self, out: Callable[[str], None], interval_s: float) -> None:
+        self._out = out
+        self._interval_s = interval_s
+        self._phase = ""
+        self._shown = ""
+        self._pending: str | None = None
+        self._last_print = -float("inf")
+
+    def update(self, phase: str, message: str) -> None:
+        if not message:
+            return
+        line = f"  {phase}: {message}"
+        if line == self._shown or line == self._pending:
+            return
+        now = time.monotonic()
+        if phase != self._phase:
+            self.flush()
+        elif now - self._last_print < self._interval_s:
+            self._pending = line
+            return
+        self._phase = phase
+        self._emit(line, now)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self._emit(self._pending, time.monotonic())
+
+    def _emit(self, line: str, now: float) -> None:
+        self._out(line)
+        self._shown = line
+        self._pending = None
+        self._last_print = now

@@ -677,3 +677,95 @@ def test_local_training_seed_is_the_same_in_every_process(coord: Coordinator) ->
         check=True,
     )
     assert json.loads(out.stdout) == here
+
+
+# ---- before round 1: the pretrain phase's hooks, round 0 ---------------------------------------
+
+
+def test_the_initial_model_is_evaluated_as_round_0(coord: Coordinator) -> None:
+    from coordinator.evaluation import ServerEvaluator
+    from gptfl.data.sources import SklearnDigitsSource
+
+    server = {"kind": "sklearn-digits", "split": "test"}
+    spec = _spec(evaluation={"server": server, "federated": False})
+    evaluator = ServerEvaluator(SklearnDigitsSource.model_validate(server), spec.model)
+    runner = coord.runner(spec, evaluator=evaluator)
+    pull(runner, "a")  # round 1 has started, so round 0 is done
+    evaluation = runner.state.initialisation["evaluation"]
+    assert evaluation["test_accuracy"] == evaluator.evaluate(INITIAL).accuracy
+    assert evaluation["examples"] == 359
+    assert runner.state.initialisation["kind"] == "test"
+
+
+def test_a_stop_during_the_pretrain_phase_ends_the_job_as_stopped(coord: Coordinator) -> None:
+    from coordinator.job_runner import JobInterrupted
+
+    reported = threading.Event()
+
+    def pretraining(runner: JobRunner) -> tuple[WeightMap, dict[str, Any]]:
+        runner.report_pretrain("generating synthetic images: 10/100")
+        reported.set()
+        while not runner.stop_requested:
+            threading.Event().wait(0.01)
+        raise JobInterrupted("stopped while generating")
+
+    runner = coord.runner(_spec(), initial=pretraining)
+    assert reported.wait(WAIT)
+    assert runner.state.phase is Phase.PRETRAIN
+    assert runner.state.message == "generating synthetic images: 10/100"
+    runner.request_stop("admin asked")
+    finish(runner, Phase.STOPPED)
+    assert runner.state.message == "stopped: admin asked"
+    assert not (coord.tmp / "jobs" / "job-1" / "checkpoints" / LATEST).exists()
+
+
+def test_a_failed_phase_keeps_its_own_message(coord: Coordinator) -> None:
+    from coordinator.job_runner import JobFailed
+
+    def failing(_: JobRunner) -> tuple[WeightMap, dict[str, Any]]:
+        raise JobFailed("pretrain phase failed: Generate at synth:1: NOT_FOUND: no generator")
+
+    runner = coord.runner(_spec(), initial=failing)
+    finish(runner, Phase.FAILED)
+    assert runner.state.message == (
+        "pretrain phase failed: Generate at synth:1: NOT_FOUND: no generator"
+    )
+    summary = json.loads((coord.tmp / "runs" / "job-1" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["message"] == runner.state.message
+
+
+def test_a_terminal_status_means_the_report_is_written(coord: Coordinator) -> None:
+    runner = coord.runner(_spec(rounds=5))
+    pull(runner, "a")
+    runner.request_stop("admin asked")
+    while not runner.state.phase.terminal:  # what an admin polling the status sees
+        threading.Event().wait(0.001)
+    for name in ("summary.json", "report.md", "model.safetensors"):
+        assert (coord.tmp / "runs" / "job-1" / name).exists(), name
+    runner.join(WAIT)
+
+
+def test_a_restart_after_round_0_keeps_the_pretrained_model(coord: Coordinator) -> None:
+    pretrained = _shifted(INITIAL, seed=3)
+
+    def pretraining(runner: JobRunner) -> tuple[WeightMap, dict[str, Any]]:
+        runner.report_pretrain("pretraining")
+        return {k: v.clone() for k, v in pretrained.items()}, {"kind": "pretrain"}
+
+    first = coord.runner(_spec(rounds=2), job_id="gptfl", initial=pretraining)
+    pull(first, "a")  # round 1 is out: round 0 (the pretrained model) is checkpointed
+    first.suspend()
+    first.join(WAIT)
+    checkpoint = load_latest(coord.tmp / "jobs" / "gptfl" / "checkpoints")
+    assert checkpoint is not None and checkpoint.round == 0
+    assert checkpoint.state.initialisation == {"kind": "pretrain"}
+
+    def must_not_pretrain(_: JobRunner) -> tuple[WeightMap, dict[str, Any]]:
+        raise AssertionError("a restarted job must not run the pretrain phase again")
+
+    coord.board = TaskBoard()
+    second = coord.runner(
+        _spec(rounds=2), job_id="gptfl", initial=must_not_pretrain, resume_from=checkpoint
+    )
+    assert_equal(global_weights(second), pretrained)
+    assert second.state.initialisation == {"kind": "pretrain"}

@@ -150,3 +150,98 @@ def test_load_job_spec_reads_a_file(tmp_path: Path) -> None:
     path.write_text(MINIMAL + "colour: red\n")
     with pytest.raises(ConfigError, match=r"^job.yaml: colour: unknown key$"):
         load_job_spec(path)
+
+
+# ---- the pretrain section -------------------------------------------------------------------
+
+PRETRAIN = (
+    MINIMAL
+    + """\
+seed: 7
+pretrain:
+  generator: digits
+  labels: ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+  images_per_label: 200
+"""
+)
+
+
+def test_pretrain_defaults_and_the_requests_it_makes() -> None:
+    spec = parse_job_spec(PRETRAIN)
+    pretrain = spec.pretrain
+    assert pretrain is not None
+    assert pretrain.synth is None  # the coordinator config's synth address
+    assert pretrain.backend == "class-conditional"
+    assert pretrain.on_failure == "fail"
+    assert pretrain.training.epochs == 10 and pretrain.training.optimizer == "sgd"
+    assert pretrain.generator_settings.num_inference_steps is None
+    # Seeds left out are the job's seed, and the stored spec says so explicitly.
+    assert pretrain.generation.seed == 7 and pretrain.training.seed == 7
+    assert spec.model_dump(mode="json")["pretrain"]["training"]["seed"] == 7
+    request = pretrain.synthesis_request(spec.model)
+    assert request.labels == [str(d) for d in range(10)]
+    assert (request.images_per_label, request.in_channels, request.image_size) == (200, 1, 8)
+    assert request.seed == 7 and request.resize_mode == "stretch"
+
+
+def test_pretrain_round_trips_through_the_stored_spec() -> None:
+    spec = parse_job_spec(
+        PRETRAIN + "  generation: {resize_mode: ink-box, seed: 3, guidance_max: 1.0}\n"
+        "  training: {epochs: 30, seed: 4}\n  on_failure: random\n"
+    )
+    again = JobSpec.model_validate(json.loads(json.dumps(spec.model_dump(mode="json"))))
+    assert again == spec
+    assert again.pretrain is not None
+    assert again.pretrain.generation.seed == 3 and again.pretrain.training.seed == 4
+    assert again.pretrain.on_failure == "random"
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "detail"),
+    [
+        ("  epochs: 3\n", "pretrain.epochs", "unknown key"),
+        ("  training: {epochz: 3}\n", "pretrain.training.epochz", "unknown key"),
+        ("  generation: {resize_mode: squash}\n", "pretrain.generation.resize_mode", "ink-box"),
+        (
+            "  generation: {guidance_min: 3, guidance_max: 1}\n",
+            "pretrain.generation",
+            "guidance_min must be <= guidance_max",
+        ),
+        ("  training: {optimizer: lbfgs}\n", "pretrain.training.optimizer", "sgd"),
+        ("  training: {learning_rate: 0}\n", "pretrain.training.learning_rate", "greater than"),
+        ("  backend: gan\n", "pretrain.backend", "class-conditional"),
+        ("  on_failure: retry\n", "pretrain.on_failure", "'fail' or 'random'"),
+        ("  generator: ../etc\n", "pretrain.generator", "folder name"),
+        ("  generator_settings: {num_inference_steps: 0}\n", "pretrain", "greater than"),
+        ("  pretrain_timeout_s: -1\n", "pretrain.pretrain_timeout_s", "greater than"),
+        (
+            "  generation: {prompt_overrides: {ten: [a drawing of ten]}}\n",
+            "pretrain",
+            "prompt_overrides names label(s) not in labels: ten",
+        ),
+    ],
+)
+def test_bad_pretrain_values_name_the_key(extra: str, key: str, detail: str) -> None:
+    message = _error(PRETRAIN + extra)
+    assert message.startswith(f"job.yaml: {key}"), message
+    assert detail in message, message
+
+
+def test_pretrain_needs_labels_and_a_count() -> None:
+    message = _error(MINIMAL + "pretrain: {generator: digits, images_per_label: 5}\n")
+    assert message.startswith("job.yaml: pretrain.labels: required key is missing"), message
+    message = _error(MINIMAL + "pretrain: {generator: digits, labels: [a, b]}\n")
+    assert "pretrain.images_per_label: required key is missing" in message, message
+
+
+def test_pretrain_labels_must_name_every_class_once() -> None:
+    message = _error(PRETRAIN.replace('"8", "9"', '"8"'))
+    assert "pretrain.labels has 9 names but model.num_classes is 10" in message, message
+    message = _error(PRETRAIN.replace('"8", "9"', '"8", "8"'))
+    assert message.startswith("job.yaml: pretrain.labels: "), message
+    assert "distinct" in message
+
+
+def test_pretrain_and_initial_model_exclude_each_other() -> None:
+    message = _error(PRETRAIN + "initial_model: start.safetensors\n")
+    assert "initial_model and pretrain exclude each other" in message, message
