@@ -50,6 +50,7 @@ from gptfl.pki import TlsFiles, init_pki, participant_files
 from gptfl.proto.v1 import common_pb2
 from gptfl.tls_config import TlsConfig
 from gptfl.weights import (
+    Chunk,
     Manifest,
     PayloadReceiver,
     WeightMap,
@@ -349,6 +350,12 @@ def _best_of(runs: int, fn: Callable[[], object]) -> float:
     return best
 
 
+def _stream_part(chunk: Chunk) -> common_pb2.WeightStreamPart:
+    part = common_pb2.WeightStreamPart()
+    serde.fill_chunk(part.chunk, chunk)
+    return part
+
+
 def step_costs(weights: WeightMap, manifest: Manifest) -> list[dict[str, Any]]:
     """Seconds per model payload of each step, one thread, best of 3.
 
@@ -357,7 +364,7 @@ def step_costs(weights: WeightMap, manifest: Manifest) -> list[dict[str, Any]]:
     manifest. Rows in parentheses are not product steps: they split a step or size a fix.
     """
     chunks = list(iter_chunks(weights, manifest))
-    parts = [common_pb2.WeightStreamPart(chunk=serde.chunk_to_pb(c)) for c in chunks]
+    parts = [_stream_part(c) for c in chunks]
     wire = [p.SerializeToString() for p in parts]
     parsed = [common_pb2.WeightStreamPart.FromString(b) for b in wire]
     received = [serde.chunk_from_pb(p.chunk) for p in parsed]
@@ -380,7 +387,7 @@ def step_costs(weights: WeightMap, manifest: Manifest) -> list[dict[str, Any]]:
             "serde: Chunk -> WeightStreamPart messages",
             1,
             1,
-            lambda: [common_pb2.WeightStreamPart(chunk=serde.chunk_to_pb(c)) for c in chunks],
+            lambda: [_stream_part(c) for c in chunks],
         ),
         ("protobuf SerializeToString", 1, 1, lambda: [p.SerializeToString() for p in parts]),
         (

@@ -42,10 +42,17 @@ def manifest_from_pb(pb: common_pb2.Manifest) -> Manifest:
     )
 
 
-def chunk_to_pb(chunk: Chunk) -> common_pb2.Chunk:
-    return common_pb2.Chunk(
-        index=chunk.index, offset=chunk.offset, data=chunk.data, crc32=chunk.crc32
-    )
+def fill_chunk(target: common_pb2.Chunk, chunk: Chunk) -> None:
+    """Writes ``chunk`` into a message's chunk field in place.
+
+    Building the field in place matters for throughput: passing a ready ``Chunk`` message to
+    the parent's constructor copies its 1 MiB payload once more (about 0.13 s per 100 MB,
+    bench/transfer.py).
+    """
+    target.index = chunk.index
+    target.offset = chunk.offset
+    target.data = chunk.data
+    target.crc32 = chunk.crc32
 
 
 def chunk_from_pb(pb: common_pb2.Chunk) -> Chunk:
@@ -66,7 +73,9 @@ def weight_stream_to_pb(
     """A weight stream on the wire: the manifest, then each chunk."""
     yield common_pb2.WeightStreamPart(manifest=manifest_to_pb(manifest))
     for chunk in chunks:
-        yield common_pb2.WeightStreamPart(chunk=chunk_to_pb(chunk))
+        part = common_pb2.WeightStreamPart()
+        fill_chunk(part.chunk, chunk)
+        yield part
 
 
 def split_weight_stream(

@@ -108,7 +108,9 @@ class FleetClient:
             )
             yield fleet_pb2.UploadPart(manifest=serde.manifest_to_pb(manifest))
             for chunk in iter_chunks(weights, manifest):
-                yield fleet_pb2.UploadPart(chunk=serde.chunk_to_pb(chunk))
+                part = fleet_pb2.UploadPart()
+                serde.fill_chunk(part.chunk, chunk)
+                yield part
 
         reply: fleet_pb2.UploadReply = self._stub.UploadUpdate(
             parts(), timeout=transfer_timeout(manifest.total_bytes), metadata=self._metadata

@@ -87,7 +87,9 @@ class Silo:
             )
             yield fleet_pb2.UploadPart(manifest=serde.manifest_to_pb(manifest))
             for chunk in chunks:
-                yield fleet_pb2.UploadPart(chunk=serde.chunk_to_pb(chunk))
+                part = fleet_pb2.UploadPart()
+                serde.fill_chunk(part.chunk, chunk)
+                yield part
 
         reply: fleet_pb2.UploadReply = self.stub.UploadUpdate(parts(), timeout=30)
         return reply
