@@ -29,7 +29,7 @@ from gptfl.training import TrainSettings, evaluate, resolve_device, train_local
 from gptfl.weights import WeightMap
 from silo_agent.config import SiloConfig
 from silo_agent.fleet_client import FleetClient
-from silo_agent.local_data import LocalData
+from silo_agent.local_data import LocalData, LocalSplits
 from silo_agent.metrics import SiloMetrics
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,7 @@ class SiloAgent:
             channel = self._open()
             try:
                 client = FleetClient(channel, metadata=self._metadata())
-                reply = client.register(
-                    agent_version=__version__, device=str(self.device), num_train=0, num_eval=0
-                )
+                reply = self._register(client)
                 log.info("registered with %s as %s", self.config.coordinator, reply.silo_id)
                 delays = backoff.delays()  # connected: the next outage starts from a short delay
                 connected = threading.Event()
@@ -107,6 +105,23 @@ class SiloAgent:
             finally:
                 channel.close()
         return 0
+
+    def _register(self, client: FleetClient) -> fleet_pb2.RegisterReply:
+        """Tells the coordinator who we are and how much data we hold (known once loaded)."""
+        num_train, num_eval = self.data.counts()
+        return client.register(
+            agent_version=__version__,
+            device=str(self.device),
+            num_train=num_train,
+            num_eval=num_eval,
+        )
+
+    def _splits(self, client: FleetClient, task: TaskSpec) -> LocalSplits:
+        before = self.data.counts()
+        splits = self.data.for_model(task.model_spec)
+        if self.data.counts() != before:
+            self._register(client)  # the coordinator's silo list shows the new counts
+        return splits
 
     def _open(self) -> grpc.Channel:
         tls = self.config.tls.files() if self.config.tls is not None else None
@@ -202,7 +217,7 @@ class SiloAgent:
         return weights
 
     def _train(self, client: FleetClient, task: TaskSpec) -> None:
-        splits = self.data.for_model(task.model_spec)
+        splits = self._splits(client, task)
         model = self._model(task.model_spec)
         weights = self._global_weights(client, task, model)
         model.load_state_dict(weights)
@@ -267,7 +282,7 @@ class SiloAgent:
                 log.warning("upload of task %s damaged in transit; retrying", task.task_id)
 
     def _evaluate(self, client: FleetClient, task: TaskSpec) -> None:
-        splits = self.data.for_model(task.model_spec)
+        splits = self._splits(client, task)
         if len(splits.eval) == 0:
             client.decline(task, "this silo holds no evaluation data (eval_fraction is 0)")
             return

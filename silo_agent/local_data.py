@@ -32,6 +32,14 @@ class LocalData:
         self._cache: dict[tuple[int, int], LocalSplits] = {}
         self._lock = threading.Lock()
 
+    def counts(self) -> tuple[int, int]:
+        """(training, evaluation) examples of the data loaded last; (0, 0) before any task."""
+        with self._lock:
+            if not self._cache:
+                return 0, 0
+            last = next(reversed(self._cache.values()))
+            return len(last.train), len(last.eval)
+
     def for_model(self, spec: ModelSpec) -> LocalSplits:
         key = (spec.in_channels, spec.image_size)
         with self._lock:

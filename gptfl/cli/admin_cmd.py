@@ -95,13 +95,16 @@ def _silos(client: AdminClient, _args: argparse.Namespace) -> int:
     if not silos:
         print("no silo has connected yet")
         return EXIT_OK
-    print(f"{'silo':<20} {'connected':<9} {'state':<12} {'rounds':>6} {'last seen':>10}")
+    print(
+        f"{'silo':<20} {'connected':<9} {'state':<12} {'rounds':>6} {'examples':>8} "
+        f"{'last seen':>10}"
+    )
     now = time.time()
     for s in silos:
         ago = f"{now - s.last_seen_unix:.0f}s ago"
         print(
             f"{s.silo_id:<20} {'yes' if s.connected else 'no':<9} {s.state:<12} "
-            f"{s.rounds_participated:>6} {ago:>10}"
+            f"{s.rounds_participated:>6} {s.num_train_examples:>8} {ago:>10}"
         )
     return EXIT_OK
 

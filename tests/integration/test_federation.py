@@ -62,6 +62,8 @@ def test_three_silos_two_rounds_learn_over_mtls(tmp_path: Path) -> None:
     assert exits == {p.silo_id: 0 for p in plans}, exits
     assert set(silos) == {p.silo_id for p in plans}
     assert all(s.rounds_participated == 2 for s in silos.values())
+    # Each silo re-registers once its data is loaded: the coordinator knows its size.
+    assert all(s.num_train_examples > 0 for s in silos.values()), silos
 
     summary = json.loads((tmp_path / "runs" / job_id / "summary.json").read_text())
     rounds = summary["rounds"]
