@@ -7,7 +7,7 @@ from typing import Literal
 
 import pydantic
 
-from gptfl.config_loading import StrictModel
+from gptfl.config_loading import StrictModel, resolve_path
 from gptfl.tls_config import TlsConfig
 
 ENV_PREFIX = "GPTFL_COORDINATOR"
@@ -66,17 +66,10 @@ class CoordinatorConfig(StrictModel):
     def resolve_paths(self, base: Path) -> CoordinatorConfig:
         """Relative paths are relative to the config file's folder."""
 
-        def at(path: Path) -> Path:
-            return path if path.is_absolute() else base / path
-
-        tls = None
-        if self.tls is not None:
-            files = self.tls.files(base)
-            tls = TlsConfig(ca=files.ca, cert=files.cert, key=files.key)
         return self.model_copy(
             update={
-                "tls": tls,
-                "state_dir": at(self.state_dir),
-                "runs_dir": at(self.runs_dir) if self.runs_dir is not None else None,
+                "tls": self.tls.resolved(base) if self.tls is not None else None,
+                "state_dir": resolve_path(self.state_dir, base),
+                "runs_dir": resolve_path(self.runs_dir, base) if self.runs_dir else None,
             }
         )

@@ -202,8 +202,11 @@ class JobRunner:
             task = self._board.lookup(silo_id, header.task_id, TaskKind.TRAIN)
             progress = self._round
             if progress is None or task.round != progress.number or header.round != task.round:
-                raise_stale(task, header.round, progress.number if progress else None)
-            assert progress is not None
+                raise StaleTaskError(
+                    f"task {task.task_id} is for round {task.round} but the upload says round "
+                    f"{header.round}; the round in progress is "
+                    f"{progress.number if progress else None}"
+                )
             if header.num_examples <= 0:
                 raise ValidationError(f"num_examples must be positive, got {header.num_examples}")
             self._board.claim(task)
@@ -599,13 +602,6 @@ class JobRunner:
         log.info("job %s %s: %s", self.job_id, phase.value, message)
         if self._on_end is not None:
             self._on_end(self)
-
-
-def raise_stale(task: TaskRecord, claimed_round: int, current: int | None) -> None:
-    raise StaleTaskError(
-        f"task {task.task_id} is for round {task.round} but the upload says round "
-        f"{claimed_round}; the round in progress is {current}"
-    )
 
 
 def _finite(value: float) -> float | None:

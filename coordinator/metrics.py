@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from coordinator.job_state import Phase
 from gptfl.errors import all_reasons
 
 ROUND_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -46,16 +47,8 @@ class CoordinatorMetrics:
         # first rejection, and keep dashboards from showing "no data".
         for reason in all_reasons():
             metrics.updates_rejected.labels(reason=reason)
-        for phase in (
-            "no_job",
-            "pending",
-            "pretrain",
-            "federating",
-            "finished",
-            "failed",
-            "stopped",
-        ):
-            metrics.job_phase.labels(phase=phase).set(1 if phase == "no_job" else 0)
+        for phase in Phase:
+            metrics.job_phase.labels(phase=phase.value).set(1 if phase is Phase.NO_JOB else 0)
         return metrics
 
     @classmethod

@@ -152,6 +152,11 @@ def load_config(
     return _resolve_paths(config, base=path.resolve().parent)
 
 
+def resolve_path(path: Path, base: Path) -> Path:
+    """``path`` as given when absolute, else relative to ``base`` (the config file's folder)."""
+    return path if path.is_absolute() else base / path
+
+
 def _resolve_paths(config: M, *, base: Path) -> M:
     """Makes relative ``Path`` fields absolute against the config file's folder."""
     hook = getattr(config, "resolve_paths", None)

@@ -223,17 +223,7 @@ class LocalCluster:
         path = self.work_dir / "coordinator.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         process = self._spawn("coordinator", "coordinator.main", path)
-        deadline = time.monotonic() + timeout_s
-        while not endpoints_file.exists():
-            if process.poll() is not None:
-                raise ClusterError(
-                    f"the coordinator exited with code {process.returncode}; see "
-                    f"{self.logs_dir / 'coordinator.log'}"
-                )
-            if time.monotonic() > deadline:
-                raise ClusterError(f"the coordinator did not start within {timeout_s:g}s")
-            time.sleep(0.05)
-        data = json.loads(endpoints_file.read_text())
+        data = self._wait_endpoints("coordinator", process, endpoints_file, timeout_s)
         self.endpoints = Endpoints(data["fleet_port"], data["admin_port"], data["metrics_port"])
         return self.endpoints
 
@@ -283,17 +273,13 @@ class LocalCluster:
     def _wait_silo_endpoints(self, files: Mapping[str, Path], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         for silo_id, endpoints_file in files.items():
-            process = self.processes[silo_id]
-            while not endpoints_file.exists():
-                if process.poll() is not None:
-                    raise ClusterError(
-                        f"silo {silo_id} exited with code {process.returncode}; see "
-                        f"{self.logs_dir / f'{silo_id}.log'}"
-                    )
-                if time.monotonic() > deadline:
-                    raise ClusterError(f"silo {silo_id} did not start within {timeout_s:g}s")
-                time.sleep(0.05)
-            port = json.loads(endpoints_file.read_text()).get("metrics_port")
+            data = self._wait_endpoints(
+                silo_id,
+                self.processes[silo_id],
+                endpoints_file,
+                max(0.0, deadline - time.monotonic()),
+            )
+            port = data.get("metrics_port")
             if isinstance(port, int):
                 self.silo_metrics_ports[silo_id] = port
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gptfl.config_loading import StrictModel
+from gptfl.config_loading import StrictModel, resolve_path
 from gptfl.pki import TlsFiles
 
 
@@ -15,11 +15,16 @@ class TlsConfig(StrictModel):
     cert: Path
     key: Path
 
-    def files(self, base: Path | None = None) -> TlsFiles:
-        def at(path: Path) -> Path:
-            return path if base is None or path.is_absolute() else base / path
+    def files(self) -> TlsFiles:
+        return TlsFiles(ca=self.ca, cert=self.cert, key=self.key)
 
-        return TlsFiles(ca=at(self.ca), cert=at(self.cert), key=at(self.key))
+    def resolved(self, base: Path) -> TlsConfig:
+        """The same section with relative paths made relative to ``base``."""
+        return TlsConfig(
+            ca=resolve_path(self.ca, base),
+            cert=resolve_path(self.cert, base),
+            key=resolve_path(self.key, base),
+        )
 
     @classmethod
     def from_dir(cls, folder: Path) -> TlsConfig:

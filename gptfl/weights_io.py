@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from gptfl import atomic_io
 from gptfl.errors import ValidationError
@@ -31,15 +31,13 @@ def save_weights(
 def load_weights(path: Path) -> tuple[WeightMap, dict[str, Any]]:
     """Loads a safetensors file written by :func:`save_weights` (or any safetensors file)."""
     try:
-        tensors = load_file(str(path))
-        with open(path, "rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_len))
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except FileNotFoundError:
         raise ValidationError(f"{path}: no such weights file") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValidationError(f"{path}: not a readable safetensors file ({exc})") from None
-    raw = header.get("__metadata__", {}).get(METADATA_KEY, "{}")
-    metadata: dict[str, Any] = json.loads(raw)
-    # safetensors sorts tensors by name on load; keep that order (it is deterministic).
-    return dict(tensors), metadata
+    metadata: dict[str, Any] = json.loads(header.get(METADATA_KEY, "{}"))
+    # safetensors lists tensors by name; that order is deterministic.
+    return tensors, metadata

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pydantic
 
-from gptfl.config_loading import StrictModel
+from gptfl.config_loading import StrictModel, resolve_path
 from gptfl.data.sources import DataSource, ImageFolderSource, NpzSource
 from gptfl.tls_config import TlsConfig
 
@@ -60,19 +60,18 @@ class SiloConfig(StrictModel):
     def resolve_paths(self, base: Path) -> SiloConfig:
         """Relative paths are relative to the config file's folder."""
 
-        def at(path: Path) -> Path:
-            return path if path.is_absolute() else base / path
-
         def source(src: DataSource | None) -> DataSource | None:
             if isinstance(src, ImageFolderSource | NpzSource):
-                return src.model_copy(update={"path": at(src.path)})
+                return src.model_copy(update={"path": resolve_path(src.path, base)})
             return src
 
-        tls = None
-        if self.tls is not None:
-            files = self.tls.files(base)
-            tls = TlsConfig(ca=files.ca, cert=files.cert, key=files.key)
         data = self.data.model_copy(
             update={"train": source(self.data.train), "eval": source(self.data.eval)}
         )
-        return self.model_copy(update={"tls": tls, "state_dir": at(self.state_dir), "data": data})
+        return self.model_copy(
+            update={
+                "tls": self.tls.resolved(base) if self.tls is not None else None,
+                "state_dir": resolve_path(self.state_dir, base),
+                "data": data,
+            }
+        )

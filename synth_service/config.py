@@ -7,7 +7,7 @@ from typing import Literal
 
 import pydantic
 
-from gptfl.config_loading import StrictModel
+from gptfl.config_loading import StrictModel, resolve_path
 from gptfl.tls_config import TlsConfig
 
 ENV_PREFIX = "GPTFL_SYNTH"
@@ -61,13 +61,10 @@ class SynthConfig(StrictModel):
     def resolve_paths(self, base: Path) -> SynthConfig:
         """Relative paths are relative to the config file's folder."""
 
-        def at(path: Path) -> Path:
-            return path if path.is_absolute() else base / path
-
-        tls = None
-        if self.tls is not None:
-            files = self.tls.files(base)
-            tls = TlsConfig(ca=files.ca, cert=files.cert, key=files.key)
         return self.model_copy(
-            update={"tls": tls, "models_dir": at(self.models_dir), "data_dir": at(self.data_dir)}
+            update={
+                "tls": self.tls.resolved(base) if self.tls is not None else None,
+                "models_dir": resolve_path(self.models_dir, base),
+                "data_dir": resolve_path(self.data_dir, base),
+            }
         )
