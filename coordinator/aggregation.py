@@ -30,6 +30,7 @@ class RunningSum:
         }
         self._total_examples = 0
         self._count = 0
+        self._finished = False
         self._lock = threading.Lock()
 
     @property
@@ -47,6 +48,7 @@ class RunningSum:
                 f"an update must report a positive sample count, got {num_examples}"
             )
         with self._lock:
+            self._check_open()
             for name, acc in self._sums.items():
                 acc.add_(weights[name].to(torch.float32), alpha=float(num_examples))
             self._total_examples += num_examples
@@ -57,14 +59,29 @@ class RunningSum:
     ) -> None:
         """Folds an already-weighted sum of ``count`` updates (secure aggregation)."""
         with self._lock:
+            self._check_open()
             for name, acc in self._sums.items():
                 acc.add_(weighted_sum[name].to(torch.float32))
             self._total_examples += total_examples
             self._count += count
 
-    def mean(self) -> WeightMap:
-        """The sample-weighted average of everything folded in so far."""
+    def mean(self, *, in_place: bool = False) -> WeightMap:
+        """The sample-weighted average of everything folded in so far.
+
+        ``in_place`` divides the accumulators themselves and hands them out, which saves a
+        model-sized allocation when the round closes; the sum is finished after that and
+        refuses further updates.
+        """
         with self._lock:
             if self._total_examples == 0:
                 raise ValidationError("no updates were aggregated")
-            return {name: acc / self._total_examples for name, acc in self._sums.items()}
+            if not in_place:
+                return {name: acc / self._total_examples for name, acc in self._sums.items()}
+            for acc in self._sums.values():
+                acc.div_(self._total_examples)
+            self._finished = True
+            return dict(self._sums)
+
+    def _check_open(self) -> None:
+        if self._finished:
+            raise RuntimeError("this running sum was already averaged in place")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
@@ -112,19 +113,19 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     @maps_stream_errors
     def DownloadModel(
         self, request: fleet_pb2.DownloadModelRequest, context: grpc.ServicerContext
-    ) -> Iterator[common_pb2.WeightStreamPart]:
+    ) -> Iterator[common_pb2.WeightStreamPart | bytes]:
         silo = self._silo(context)
         manifest, chunks = self._jobs.active().task_model(silo, request.task_id)
-        yield from serde.weight_stream_to_pb(manifest, chunks)
+        yield from serde.weight_stream_to_wire(manifest, chunks)
 
-    @maps_errors
+    @maps_stream_errors
     def UploadUpdate(
-        self, request_iterator: Iterator[fleet_pb2.UploadPart], context: grpc.ServicerContext
-    ) -> fleet_pb2.UploadReply:
+        self, request_iterator: Iterator[serde.UploadPart], context: grpc.ServicerContext
+    ) -> Iterator[fleet_pb2.UploadReply]:
         silo = self._silo(context)
         runner = self._jobs.active()
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
+        if first is None or isinstance(first, Chunk) or first.WhichOneof("part") != "header":
             raise ValidationError("an upload must start with its header")
         header = UpdateHeader(
             task_id=first.header.task_id,
@@ -133,19 +134,25 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             train_metrics=serde.metrics_from_pb(first.header.train_metrics),
             train_seconds=first.header.train_seconds,
         )
-        second = next(request_iterator, None)
-        if second is None or second.WhichOneof("part") != "manifest":
-            raise ValidationError("the upload header must be followed by the manifest")
-        manifest = serde.manifest_from_pb(second.manifest)
+        with runner.admit_update(silo, header) as receive:  # waits for an upload slot
+            yield fleet_pb2.UploadReply(ready=True)
+            second = next(request_iterator, None)
+            if (
+                second is None
+                or isinstance(second, Chunk)
+                or second.WhichOneof("part") != "manifest"
+            ):
+                raise ValidationError("the upload header must be followed by the manifest")
+            manifest = serde.manifest_from_pb(second.manifest)
 
-        def chunks() -> Iterator[Chunk]:
-            for part in request_iterator:
-                if part.WhichOneof("part") != "chunk":
-                    raise ValidationError("only chunks may follow the manifest in an upload")
-                yield serde.chunk_from_pb(part.chunk)
+            def chunks() -> Iterator[Chunk]:
+                for part in request_iterator:
+                    if serde.part_kind(part) != "chunk":
+                        raise ValidationError("only chunks may follow the manifest in an upload")
+                    yield serde.part_chunk(part)
 
-        runner.receive_update(silo, header, manifest, chunks())
-        return fleet_pb2.UploadReply(accepted=True, message="update accepted")
+            receive(manifest, chunks())
+        yield fleet_pb2.UploadReply(accepted=True, message="update accepted")
 
     @maps_errors
     def ReportEvaluation(
@@ -172,3 +179,40 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             raise ValidationError("a declined task needs a reason")
         self._jobs.active().decline(silo, request.task_id, request.reason)
         return fleet_pb2.Ack()
+
+
+def add_fleet_servicer(servicer: FleetServicer, server: grpc.Server) -> None:
+    """Registers the Fleet service, its two weight streams with the copy-free chunk codec.
+
+    The method table is the generated one (caught from ``add_FleetServicer_to_server``); only
+    DownloadModel's response serializer and UploadUpdate's request deserializer are swapped
+    for the :mod:`gptfl.serde` functions around :mod:`gptfl.chunk_wire`.
+    """
+    table = _generated_fleet_handlers(servicer)
+    table["DownloadModel"] = table["DownloadModel"]._replace(
+        response_serializer=serde.serialize_weight_part
+    )
+    table["UploadUpdate"] = table["UploadUpdate"]._replace(
+        request_deserializer=serde.deserialize_upload_part
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_FLEET, table),))
+    server.add_registered_method_handlers(_FLEET, table)
+
+
+_FLEET = "gptfl.v1.Fleet"
+
+
+def _generated_fleet_handlers(servicer: FleetServicer) -> dict[str, Any]:
+    class _Catch:
+        table: dict[str, Any] = {}
+
+        def add_generic_rpc_handlers(self, _handlers: object) -> None:
+            pass
+
+        def add_registered_method_handlers(self, name: str, table: dict[str, Any]) -> None:
+            assert name == _FLEET
+            self.table = dict(table)
+
+    catch = _Catch()
+    fleet_pb2_grpc.add_FleetServicer_to_server(servicer, catch)
+    return catch.table

@@ -16,6 +16,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,18 @@ from coordinator.report import export_job
 from coordinator.silo_registry import SiloRegistry
 from coordinator.strategies import Strategy, build_strategy
 from coordinator.tasks import ModelVersion, TaskBoard, TaskRecord, TaskStatus
+from coordinator.upload_slots import UploadSlots
 from gptfl.errors import GptflError, StaleTaskError, ValidationError
 from gptfl.job_spec import JobSpec
 from gptfl.task import LocalSettings, TaskKind
-from gptfl.weights import Chunk, Manifest, PayloadReceiver, WeightMap, build_manifest, iter_chunks
+from gptfl.weights import (
+    Chunk,
+    Manifest,
+    PayloadReceiver,
+    WeightMap,
+    check_manifest,
+    iter_chunks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +113,7 @@ class JobRunner:
         self._board = board
         self._metrics = metrics
         self._initial_model = initial_model
-        self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
+        self._upload_slots = UploadSlots(max_concurrent_uploads)
         self._keep = checkpoints_to_keep
         self._on_end = on_end
         self._strategy: Strategy = build_strategy(spec.strategy)
@@ -184,7 +193,7 @@ class JobRunner:
         sent = self._metrics.bytes_sent.labels(silo=silo_id)
 
         def counted() -> Iterator[Chunk]:
-            for chunk in iter_chunks(version.weights, version.manifest):
+            for chunk in iter_chunks(version.weights, version.manifest, crcs=version.chunk_crcs):
                 sent.inc(len(chunk.data))
                 yield chunk
 
@@ -193,10 +202,22 @@ class JobRunner:
     def receive_update(
         self, silo_id: str, header: UpdateHeader, manifest: Manifest, chunks: Iterator[Chunk]
     ) -> None:
-        """Validates a silo's update and folds it into the round's running sum.
+        """Admits, verifies and folds a silo's update in one call (see :meth:`admit_update`)."""
+        with self.admit_update(silo_id, header) as receive:
+            receive(manifest, chunks)
 
-        Every check happens before the aggregate is touched; any failure is counted by reason
-        and leaves the global model and the sum as they were.
+    @contextmanager
+    def admit_update(
+        self, silo_id: str, header: UpdateHeader
+    ) -> Iterator[Callable[[Manifest, Iterator[Chunk]], None]]:
+        """Admits a silo's update: checks its header, claims its task, waits for an upload slot.
+
+        The block then receives the weights by calling the yielded function once with their
+        manifest and chunks: they are verified and folded into the round's running sum. The
+        Fleet servicer tells the silo to send its weights between the two steps, so a silo
+        that waits for a slot has nothing in flight. Every check happens before the aggregate
+        is touched; any failure, in the block too, is counted by reason and leaves the global
+        model and the sum as they were.
         """
         try:
             task = self._board.lookup(silo_id, header.task_id, TaskKind.TRAIN)
@@ -210,25 +231,31 @@ class JobRunner:
             if header.num_examples <= 0:
                 raise ValidationError(f"num_examples must be positive, got {header.num_examples}")
             self._board.claim(task)
+            outcome: list[bool] = []  # whether the update was folded, once received
             try:
-                with self._upload_slots:  # bounds memory: at most N updates being assembled
-                    receiver = PayloadReceiver(manifest, expected=task.model.manifest.specs)
-                    received = self._metrics.bytes_received.labels(silo=silo_id)
-                    for chunk in chunks:
-                        receiver.add(chunk)
-                        received.inc(len(chunk.data))
-                    weights = receiver.finish()
-                    # Closing the task and folding happen together, under the lock the round
-                    # takes to expire its tasks: an upload overtaken by the deadline is never
-                    # half counted.
-                    with self._fold_lock:
-                        folded = self._board.finish(task, TaskStatus.DONE)
-                        if folded:
-                            progress.total.add(weights, header.num_examples)
+                with self._upload_slots.slot(task.deadline_unix - time.time()) as lend:
+                    if lend is None:
+                        raise StaleTaskError(
+                            f"round {task.round} reached its deadline before an upload slot "
+                            f"freed up for task {task.task_id}"
+                        )
+                    slot_buffer = lend
+
+                    def receive(manifest: Manifest, chunks: Iterator[Chunk]) -> None:
+                        # the manifest is checked before its size decides a buffer's
+                        check_manifest(manifest, expected=task.model.manifest.specs)
+                        weights = self._verified_update(
+                            silo_id, task, manifest, chunks, slot_buffer(manifest.total_bytes)
+                        )
+                        outcome.append(self._fold(task, progress, weights, header.num_examples))
+
+                    yield receive
+                if not outcome:
+                    raise ValidationError(f"the upload of task {task.task_id} sent no weights")
             except BaseException:
                 self._board.release(task)
                 raise
-            if not folded:
+            if not outcome[0]:
                 raise StaleTaskError(
                     f"round {task.round} closed (deadline) before the upload of task "
                     f"{task.task_id} completed"
@@ -253,6 +280,36 @@ class JobRunner:
         except GptflError as exc:
             self._count_rejection(silo_id, exc)
             raise
+
+    def _verified_update(
+        self,
+        silo_id: str,
+        task: TaskRecord,
+        manifest: Manifest,
+        chunks: Iterator[Chunk],
+        buffer: bytearray,
+    ) -> WeightMap:
+        """Receives an update into ``buffer`` and verifies it (names, shapes, sums, values)."""
+        receiver = PayloadReceiver(manifest, expected=task.model.manifest.specs, buffer=buffer)
+        received = self._metrics.bytes_received.labels(silo=silo_id)
+        for chunk in chunks:
+            receiver.add(chunk)
+            received.inc(len(chunk.data))
+        return receiver.finish()
+
+    def _fold(
+        self, task: TaskRecord, progress: _RoundProgress, weights: WeightMap, num_examples: int
+    ) -> bool:
+        """Closes the task and folds its update; False when the round expired it first.
+
+        Both happen under the lock the round takes to expire its tasks: an upload overtaken
+        by the deadline is never half counted.
+        """
+        with self._fold_lock:
+            if not self._board.finish(task, TaskStatus.DONE):
+                return False
+            progress.total.add(weights, num_examples)
+            return True
 
     def receive_evaluation(self, silo_id: str, result: EvaluationResult) -> None:
         try:
@@ -357,7 +414,7 @@ class JobRunner:
         return f" (from a random initialisation: {fallback.get('from', 'initial model')} failed)"
 
     def _set_global(self, weights: WeightMap) -> None:
-        self._global = ModelVersion(weights, build_manifest(weights))
+        self._global = ModelVersion.of(weights)
 
     def _set_phase(self, phase: Phase, message: str) -> None:
         with self._lock:
@@ -450,6 +507,7 @@ class JobRunner:
         self._board.wait_until(tasks, deadline, self._stop)
         with self._fold_lock:
             self._board.expire(tasks)
+        self._upload_slots.drop_spares()  # the round's receive buffers: no use until the next
         if self._stop.is_set():
             self._board.retire(tasks)
             return
@@ -464,7 +522,9 @@ class JobRunner:
                 + (f" (declined: {'; '.join(declined)})" if declined else "")
             )
         with self._metrics.aggregation_seconds.time():
-            new_weights = self._strategy.apply(self._global.weights, progress.total.mean())
+            average = progress.total.mean(in_place=True)  # the round takes no more updates
+            new_weights = self._strategy.apply(self._global.weights, average)
+            del average
             self._set_global(new_weights)
         self._board.retire(tasks)
         # Server-side evaluation runs while the silos evaluate: both sit on the round's path.

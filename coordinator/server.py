@@ -8,16 +8,16 @@ from dataclasses import dataclass
 
 from coordinator.admin_servicer import AdminServicer
 from coordinator.config import CoordinatorConfig
-from coordinator.fleet_servicer import FleetServicer
+from coordinator.fleet_servicer import FleetServicer, add_fleet_servicer
 from coordinator.job_manager import JobManager
 from coordinator.job_runner import InitialModel
-from coordinator.memory import pin_mmap_threshold
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pretrain_phase import SynthAccess
 from coordinator.silo_registry import SiloRegistry
 from coordinator.tasks import TaskBoard
 from gptfl import atomic_io
-from gptfl.proto.v1 import admin_pb2_grpc, fleet_pb2_grpc
+from gptfl.memory import tune_allocator
+from gptfl.proto.v1 import admin_pb2_grpc
 from gptfl.rpc import Server, start_health_server, start_server
 from gptfl.service_process import start_metrics_http
 
@@ -57,7 +57,7 @@ def start_coordinator(
     config: CoordinatorConfig, *, initial_model: InitialModel | None = None
 ) -> Coordinator:
     """Starts every server of a coordinator and resumes an unfinished job if there is one."""
-    pin_mmap_threshold()
+    tune_allocator()
     tls = config.tls.files() if config.tls is not None else None
     metrics = CoordinatorMetrics.create()
     registry = SiloRegistry(
@@ -93,7 +93,7 @@ def start_coordinator(
     fleet = start_server(
         config.fleet_address,
         tls=tls,
-        register=lambda s: fleet_pb2_grpc.add_FleetServicer_to_server(fleet_servicer, s),
+        register=lambda s: add_fleet_servicer(fleet_servicer, s),
         max_workers=config.max_workers,
         name="fleet",
     )

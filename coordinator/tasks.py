@@ -23,7 +23,7 @@ from gptfl.errors import (
 )
 from gptfl.models.spec import ModelSpec
 from gptfl.task import LocalSettings, TaskKind, TaskSpec
-from gptfl.weights import Manifest, WeightMap
+from gptfl.weights import Manifest, WeightMap, build_manifest, chunk_crcs
 
 
 class TaskStatus(enum.Enum):
@@ -41,10 +41,16 @@ class TaskStatus(enum.Enum):
 
 @dataclass(frozen=True)
 class ModelVersion:
-    """A global model and its payload manifest (computed once, served to every silo)."""
+    """A global model with its manifest and chunk checksums (computed once, sent to every silo)."""
 
     weights: WeightMap
     manifest: Manifest
+    chunk_crcs: tuple[int, ...]
+
+    @classmethod
+    def of(cls, weights: WeightMap) -> ModelVersion:
+        manifest = build_manifest(weights)
+        return cls(weights, manifest, chunk_crcs(weights, manifest))
 
 
 @dataclass

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 
 import pydantic
 
+from gptfl.chunk_wire import decode_chunk_part, encode_chunk_part
 from gptfl.errors import ValidationError
 from gptfl.models.spec import ModelSpec
 from gptfl.proto.v1 import common_pb2, fleet_pb2
@@ -51,12 +52,71 @@ def fill_chunk(target: common_pb2.Chunk, chunk: Chunk) -> None:
     """
     target.index = chunk.index
     target.offset = chunk.offset
-    target.data = chunk.data
+    target.data = chunk.data if isinstance(chunk.data, bytes) else bytes(chunk.data)
     target.crc32 = chunk.crc32
 
 
 def chunk_from_pb(pb: common_pb2.Chunk) -> Chunk:
     return Chunk(index=pb.index, offset=pb.offset, data=pb.data, crc32=pb.crc32)
+
+
+# The two streams that carry weights (Fleet.DownloadModel and Fleet.UploadUpdate) move their
+# chunks through gptfl.chunk_wire instead of the generated classes: a sender yields the encoded
+# bytes of each chunk part, a receiver gets a Chunk (its data a view into the received message)
+# or, for every other part, the protobuf message. The functions below are the (de)serializers
+# both ends register for these two methods.
+
+_WEIGHT_PART_CHUNK = common_pb2.WeightStreamPart.DESCRIPTOR.fields_by_name["chunk"].number
+_UPLOAD_PART_CHUNK = fleet_pb2.UploadPart.DESCRIPTOR.fields_by_name["chunk"].number
+
+WeightPart = common_pb2.WeightStreamPart | Chunk
+UploadPart = fleet_pb2.UploadPart | Chunk
+
+
+def serialize_weight_part(part: common_pb2.WeightStreamPart | bytes) -> bytes:
+    """A download part on the wire; bytes are an already encoded chunk part."""
+    return part if isinstance(part, bytes) else part.SerializeToString()
+
+
+def deserialize_weight_part(raw: bytes) -> WeightPart:
+    chunk = decode_chunk_part(raw, _WEIGHT_PART_CHUNK)
+    return chunk if chunk is not None else common_pb2.WeightStreamPart.FromString(raw)
+
+
+def serialize_upload_part(part: fleet_pb2.UploadPart | bytes) -> bytes:
+    """An upload part on the wire; bytes are an already encoded chunk part."""
+    return part if isinstance(part, bytes) else part.SerializeToString()
+
+
+def deserialize_upload_part(raw: bytes) -> UploadPart:
+    chunk = decode_chunk_part(raw, _UPLOAD_PART_CHUNK)
+    return chunk if chunk is not None else fleet_pb2.UploadPart.FromString(raw)
+
+
+def encode_upload_chunk(chunk: Chunk) -> bytes:
+    """An ``UploadPart(chunk=...)`` as wire bytes, for :func:`serialize_upload_part`."""
+    return encode_chunk_part(_UPLOAD_PART_CHUNK, chunk)
+
+
+def weight_stream_to_wire(
+    manifest: Manifest, chunks: Iterator[Chunk]
+) -> Iterator[common_pb2.WeightStreamPart | bytes]:
+    """A download for :func:`serialize_weight_part`: the manifest, then each encoded chunk."""
+    yield common_pb2.WeightStreamPart(manifest=manifest_to_pb(manifest))
+    for chunk in chunks:
+        yield encode_chunk_part(_WEIGHT_PART_CHUNK, chunk)
+
+
+def part_kind(part: WeightPart | UploadPart) -> str:
+    """Which field of its oneof a received stream part holds (``""`` for none)."""
+    if isinstance(part, Chunk):
+        return "chunk"
+    return part.WhichOneof("part") or ""
+
+
+def part_chunk(part: WeightPart | UploadPart) -> Chunk:
+    """The chunk of a received part whose :func:`part_kind` is ``"chunk"``."""
+    return part if isinstance(part, Chunk) else chunk_from_pb(part.chunk)
 
 
 def metrics_to_pb(values: Mapping[str, float]) -> common_pb2.Metrics:
@@ -79,19 +139,19 @@ def weight_stream_to_pb(
 
 
 def split_weight_stream(
-    parts: Iterator[common_pb2.WeightStreamPart],
+    parts: Iterator[WeightPart],
 ) -> tuple[Manifest, Iterator[Chunk]]:
     """Reads the leading manifest of a weight stream; returns it and the chunk iterator."""
     first = next(parts, None)
-    if first is None or first.WhichOneof("part") != "manifest":
+    if first is None or isinstance(first, Chunk) or first.WhichOneof("part") != "manifest":
         raise ValidationError("a weight stream must start with its manifest")
     manifest = manifest_from_pb(first.manifest)
 
     def chunks() -> Iterator[Chunk]:
         for part in parts:
-            if part.WhichOneof("part") != "chunk":
+            if part_kind(part) != "chunk":
                 raise ValidationError("only chunks may follow the manifest in a weight stream")
-            yield chunk_from_pb(part.chunk)
+            yield part_chunk(part)
 
     return manifest, chunks()
 

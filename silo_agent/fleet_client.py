@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -9,7 +11,7 @@ import grpc
 import torch
 
 from gptfl import serde
-from gptfl.errors import ChecksumError
+from gptfl.errors import ChecksumError, UnavailableError
 from gptfl.proto.v1 import fleet_pb2, fleet_pb2_grpc
 from gptfl.task import TaskSpec
 from gptfl.weights import PayloadReceiver, WeightMap, build_manifest, iter_chunks, specs_of
@@ -38,6 +40,17 @@ class FleetClient:
     ) -> None:
         self._stub = fleet_pb2_grpc.FleetStub(channel)
         self._metadata = metadata
+        # The weight streams use the copy-free chunk codec (gptfl.chunk_wire) on this end too.
+        self._download = channel.unary_stream(
+            "/gptfl.v1.Fleet/DownloadModel",
+            request_serializer=fleet_pb2.DownloadModelRequest.SerializeToString,
+            response_deserializer=serde.deserialize_weight_part,
+        )
+        self._upload = channel.stream_stream(
+            "/gptfl.v1.Fleet/UploadUpdate",
+            request_serializer=serde.serialize_upload_part,
+            response_deserializer=fleet_pb2.UploadReply.FromString,
+        )
 
     def register(
         self, *, agent_version: str, device: str, num_train: int, num_eval: int
@@ -71,7 +84,7 @@ class FleetClient:
 
     def download_model(self, task: TaskSpec, *, expected: Mapping[str, torch.Tensor]) -> WeightMap:
         """Downloads and verifies the task's model; it must fit ``expected``'s tensors."""
-        parts = self._stub.DownloadModel(
+        parts = self._download(
             fleet_pb2.DownloadModelRequest(task_id=task.task_id),
             timeout=TRANSFER_BASE_S + 3600,
             metadata=self._metadata,
@@ -93,10 +106,17 @@ class FleetClient:
         metrics: Mapping[str, float],
         train_seconds: float,
     ) -> tuple[fleet_pb2.UploadReply, int]:
-        """Streams the trained weights; returns the reply and the payload bytes sent."""
-        manifest = build_manifest(weights)
+        """Streams the trained weights; returns the reply and the payload bytes sent.
 
-        def parts() -> Iterator[fleet_pb2.UploadPart]:
+        The header goes first; the weights follow once the coordinator answers ``ready``
+        (it has a free upload slot), so waiting costs the coordinator no buffer space. The
+        call may wait for a slot until the task's deadline.
+        """
+        manifest = build_manifest(weights)
+        go = threading.Event()
+        admitted = False
+
+        def parts() -> Iterator[fleet_pb2.UploadPart | bytes]:
             yield fleet_pb2.UploadPart(
                 header=fleet_pb2.UpdateHeader(
                     task_id=task.task_id,
@@ -106,16 +126,32 @@ class FleetClient:
                     train_seconds=train_seconds,
                 )
             )
+            go.wait()
+            if not admitted:
+                return  # the call ended (an error, a deadline) before the coordinator was ready
             yield fleet_pb2.UploadPart(manifest=serde.manifest_to_pb(manifest))
             for chunk in iter_chunks(weights, manifest):
-                part = fleet_pb2.UploadPart()
-                serde.fill_chunk(part.chunk, chunk)
-                yield part
+                yield serde.encode_upload_chunk(chunk)
 
-        reply: fleet_pb2.UploadReply = self._stub.UploadUpdate(
-            parts(), timeout=transfer_timeout(manifest.total_bytes), metadata=self._metadata
+        wait_s = max(0.0, task.deadline_unix - time.time())
+        replies = self._upload(
+            parts(),
+            timeout=wait_s + transfer_timeout(manifest.total_bytes),
+            metadata=self._metadata,
         )
-        return reply, manifest.total_bytes
+        final: fleet_pb2.UploadReply | None = None
+        try:
+            for reply in replies:
+                if reply.ready:
+                    admitted = True
+                    go.set()
+                else:
+                    final = reply
+        finally:
+            go.set()
+        if final is None:
+            raise UnavailableError("the coordinator ended the upload without a result")
+        return final, manifest.total_bytes
 
     def report_evaluation(
         self, task: TaskSpec, *, num_examples: int, metrics: Mapping[str, float]

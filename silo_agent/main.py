@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from gptfl import atomic_io
 from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, GptflError, PkiError
 from gptfl.logging_setup import configure_logging
+from gptfl.memory import tune_allocator
 from gptfl.service_process import (
     load_service_config,
     service_parser,
@@ -40,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(
         fmt=config.log_format, level=logging.DEBUG if args.verbose else logging.INFO, name=name
     )
+    tune_allocator()  # weights stream in 1 MiB messages: keep their buffers off mmap
     metrics = SiloMetrics.create()
     metrics_port = start_metrics_http(config.metrics_address, metrics.registry)
     try:

@@ -91,7 +91,11 @@ class Silo:
                 serde.fill_chunk(part.chunk, chunk)
                 yield part
 
-        reply: fleet_pb2.UploadReply = self.stub.UploadUpdate(parts(), timeout=30)
+        # A client that does not wait for the coordinator's `ready`: the coordinator must
+        # cope with parts that arrive early, and reject bad ones all the same.
+        replies = list(self.stub.UploadUpdate(parts(), timeout=30))
+        assert replies[0].ready, replies
+        reply: fleet_pb2.UploadReply = replies[-1]
         return reply
 
 

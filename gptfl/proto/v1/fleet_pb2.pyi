@@ -153,12 +153,14 @@ class UploadPart(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., manifest: _Optional[_Union[_common_pb2.Manifest, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ...) -> None: ...
 
 class UploadReply(_message.Message):
-    __slots__ = ("accepted", "message")
+    __slots__ = ("accepted", "message", "ready")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     message: str
-    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    ready: bool
+    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class EvaluationReport(_message.Message):
     __slots__ = ("task_id", "round", "num_examples", "metrics")

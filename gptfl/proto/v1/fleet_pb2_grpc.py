@@ -56,7 +56,7 @@ class FleetStub:
                 request_serializer=gptfl_dot_v1_dot_fleet__pb2.DownloadModelRequest.SerializeToString,
                 response_deserializer=gptfl_dot_v1_dot_common__pb2.WeightStreamPart.FromString,
                 _registered_method=True)
-        self.UploadUpdate = channel.stream_unary(
+        self.UploadUpdate = channel.stream_stream(
                 '/gptfl.v1.Fleet/UploadUpdate',
                 request_serializer=gptfl_dot_v1_dot_fleet__pb2.UploadPart.SerializeToString,
                 response_deserializer=gptfl_dot_v1_dot_fleet__pb2.UploadReply.FromString,
@@ -103,7 +103,10 @@ class FleetServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadUpdate(self, request_iterator, context):
-        """A training result: header first, then manifest, then chunks.
+        """A training result. The silo sends the header and waits for the first reply, `ready`,
+        which comes once one of the coordinator's upload slots is free; only then does it send
+        the manifest and the chunks, so a silo that waits has no weights in flight. The last
+        reply says whether the update was accepted (an error status says why not).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,7 +148,7 @@ def add_FleetServicer_to_server(servicer, server):
                     request_deserializer=gptfl_dot_v1_dot_fleet__pb2.DownloadModelRequest.FromString,
                     response_serializer=gptfl_dot_v1_dot_common__pb2.WeightStreamPart.SerializeToString,
             ),
-            'UploadUpdate': grpc.stream_unary_rpc_method_handler(
+            'UploadUpdate': grpc.stream_stream_rpc_method_handler(
                     servicer.UploadUpdate,
                     request_deserializer=gptfl_dot_v1_dot_fleet__pb2.UploadPart.FromString,
                     response_serializer=gptfl_dot_v1_dot_fleet__pb2.UploadReply.SerializeToString,
@@ -290,7 +293,7 @@ class Fleet:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
             '/gptfl.v1.Fleet/UploadUpdate',

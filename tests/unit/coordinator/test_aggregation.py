@@ -168,3 +168,13 @@ def test_many_threads_folding_at_once_lose_nothing() -> None:
     mean = total.mean()
     assert torch.equal(mean["w"], torch.full((256,), expected, dtype=torch.float32))
     assert torch.equal(mean["b"], torch.full((3,), expected, dtype=torch.float32))
+
+
+def test_mean_in_place_equals_the_mean_and_finishes_the_sum() -> None:
+    total = RunningSum(_template())
+    total.add(_update(0), 2)
+    total.add(_update(1), 5)
+    expected = {k: v.numpy() for k, v in total.mean().items()}
+    _assert_close(total.mean(in_place=True), expected)
+    with pytest.raises(RuntimeError, match="averaged in place"):
+        total.add(_update(2), 1)

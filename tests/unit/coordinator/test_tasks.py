@@ -17,10 +17,9 @@ from gptfl.errors import (
 )
 from gptfl.models.spec import ModelSpec
 from gptfl.task import LocalSettings, TaskKind
-from gptfl.weights import build_manifest
 
 _WEIGHTS = {"w": torch.zeros(2, 2)}
-_MODEL = ModelVersion(_WEIGHTS, build_manifest(_WEIGHTS))
+_MODEL = ModelVersion.of(_WEIGHTS)
 _SPEC = ModelSpec(arch="cnn-small", num_classes=10, in_channels=1, image_size=8)
 _LOCAL = LocalSettings(
     epochs=1, batch_size=8, learning_rate=0.1, momentum=0, weight_decay=0, proximal_mu=0, seed=1

@@ -32,6 +32,7 @@ from gptfl.weights import (
     WeightMap,
     build_manifest,
     check_manifest,
+    chunk_crcs,
     iter_chunks,
     receive_all,
     specs_of,
@@ -450,3 +451,47 @@ def test_corrupt_weights_file_is_a_validation_error(tmp_path: Path, damage: str)
     path.write_bytes(b"not a safetensors file at all" if damage == "garbage" else data[:-50])
     with pytest.raises(ValidationError, match="not a readable safetensors file"):
         load_weights(path)
+
+
+def test_chunks_inside_a_tensor_are_views_not_copies() -> None:
+    weights = {"big": torch.arange(3 * 4096, dtype=torch.float32), "small": torch.ones(3)}
+    manifest = build_manifest(weights, chunk_size=4096)
+    chunks = list(iter_chunks(weights, manifest))
+    assert isinstance(chunks[0].data, memoryview)  # wholly inside "big"
+    assert isinstance(chunks[-1].data, bytes)  # the tail spans padding and "small"
+    assert receive_all(manifest, iter(chunks)).keys() == weights.keys()
+
+
+def test_given_checksums_are_used_and_must_fit() -> None:
+    weights = _mixed()
+    manifest = build_manifest(weights, chunk_size=64)
+    crcs = chunk_crcs(weights, manifest)
+    assert [c.crc32 for c in iter_chunks(weights, manifest)] == list(crcs)
+    wrong = tuple(c ^ 1 for c in crcs)
+    assert [c.crc32 for c in iter_chunks(weights, manifest, crcs=wrong)] == list(wrong)
+    with pytest.raises(ValueError, match="checksums for"):
+        list(iter_chunks(weights, manifest, crcs=crcs[:-1]))
+
+
+def test_a_reused_buffer_receives_a_new_payload_correctly() -> None:
+    first, second = _mixed(), {k: v.clone() for k, v in _mixed().items()}
+    second["conv.weight"] += 1.0
+    manifest_a = build_manifest(first, chunk_size=128)
+    buffer = bytearray(manifest_a.total_bytes)
+    receiver = PayloadReceiver(manifest_a, buffer=buffer)
+    for chunk in iter_chunks(first, manifest_a):
+        receiver.add(chunk)
+    receiver.finish()
+    manifest_b = build_manifest(second, chunk_size=128)
+    receiver = PayloadReceiver(manifest_b, buffer=buffer)
+    for chunk in iter_chunks(second, manifest_b):
+        receiver.add(chunk)
+    got = receiver.finish()
+    assert torch.equal(got["conv.weight"], second["conv.weight"])
+
+
+def test_a_buffer_of_the_wrong_size_is_refused() -> None:
+    weights = _mixed()
+    manifest = build_manifest(weights)
+    with pytest.raises(ValueError, match="buffer of"):
+        PayloadReceiver(manifest, buffer=bytearray(manifest.total_bytes + 1))

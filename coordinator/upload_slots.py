@@ -1,0 +1,68 @@
+"""Bounds how many updates are received at once, and reuses their receive buffers.
+
+Each update being received needs a buffer of the model's size. Holding at most
+``max_concurrent_uploads`` of them bounds the coordinator's memory (bench/aggregate.py). A silo
+sends its weights only once it holds a slot (``UploadReply.ready``), so silos that wait hold
+nothing in the coordinator's transport buffers either. Handing a finished upload's buffer to
+the next one saves faulting in fresh pages for every update, which cost about as much CPU as
+the update's sha256 (bench/transfer.py). The job drops the kept buffers when a round's uploads
+are over, so they cost nothing while the round closes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+class UploadSlots:
+    """``count`` slots; while held, a slot lends receive buffers, returned when it is let go."""
+
+    def __init__(self, count: int) -> None:
+        if count < 1:
+            raise ValueError(f"need at least one upload slot, got {count}")
+        self._count = count
+        self._slots = threading.BoundedSemaphore(count)
+        self._lock = threading.Lock()
+        self._spare: list[bytearray] = []
+
+    @contextmanager
+    def slot(self, timeout_s: float) -> Iterator[Callable[[int], bytearray] | None]:
+        """Waits up to ``timeout_s`` for a free slot.
+
+        Yields ``None`` when none freed up in time, else a function that lends a buffer of the
+        given size (contents unspecified). Lent buffers go back to the pool when the block
+        ends, so nothing may keep views into them beyond it.
+        """
+        if not self._slots.acquire(timeout=max(0.0, timeout_s)):
+            yield None
+            return
+        lent: list[bytearray] = []
+
+        def lend(nbytes: int) -> bytearray:
+            buffer = self._take(nbytes)
+            lent.append(buffer)
+            return buffer
+
+        try:
+            yield lend
+        finally:
+            with self._lock:
+                for buffer in lent:
+                    if len(self._spare) < self._count:
+                        self._spare.append(buffer)
+            self._slots.release()
+
+    def drop_spares(self) -> None:
+        """Frees the buffers kept for reuse (the round's uploads are over)."""
+        with self._lock:
+            self._spare.clear()
+
+    def _take(self, nbytes: int) -> bytearray:
+        with self._lock:
+            for i, spare in enumerate(self._spare):
+                if len(spare) == nbytes:
+                    return self._spare.pop(i)
+            self._spare.clear()  # another size: the model changed, the old buffers are useless
+        return bytearray(nbytes)

@@ -1,0 +1,132 @@
+"""Upload admission: a silo is told `ready` only once an upload slot is free for it.
+
+A real coordinator (mutual TLS, port 0, ``max_concurrent_uploads: 1``) runs a job for two
+silos. Silo A is admitted and holds the only slot; silo B's header is answered with nothing
+until A's update is in, so B has no weights in flight meanwhile. Both updates are accepted.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import torch
+import yaml
+
+from gptfl import serde
+from gptfl.admin_client import AdminClient
+from gptfl.models import build_model
+from gptfl.pki import participant_files
+from gptfl.proto.v1 import fleet_pb2
+from gptfl.task import TaskSpec
+from gptfl.weights import build_manifest, iter_chunks
+from silo_agent.fleet_client import FleetClient
+from tests.integration.conftest import SILOS, StartCoordinator, silo_channel
+
+SPEC = {
+    "name": "admission",
+    "model": {"arch": "cnn-small", "num_classes": 10, "in_channels": 1, "image_size": 8},
+    "rounds": 1,
+    "min_silos": 2,
+    "round_deadline_s": 60,
+    "evaluation": {"federated": False},
+}
+
+
+class HandDrivenUpload:
+    """An UploadUpdate stream whose parts the test releases one step at a time."""
+
+    def __init__(self, channel: grpc.Channel, client: FleetClient, task: TaskSpec) -> None:
+        weights = client.download_model(task, expected=_template(task))
+        manifest = build_manifest(weights)
+        self._steps: queue.Queue[list[fleet_pb2.UploadPart | bytes] | None] = queue.Queue()
+        self._steps.put(
+            [
+                fleet_pb2.UploadPart(
+                    header=fleet_pb2.UpdateHeader(
+                        task_id=task.task_id, round=task.round, num_examples=5
+                    )
+                )
+            ]
+        )
+        self._rest: list[fleet_pb2.UploadPart | bytes] = [
+            fleet_pb2.UploadPart(manifest=serde.manifest_to_pb(manifest)),
+            *(serde.encode_upload_chunk(c) for c in iter_chunks(weights, manifest)),
+        ]
+        call = channel.stream_stream(
+            "/gptfl.v1.Fleet/UploadUpdate",
+            request_serializer=serde.serialize_upload_part,
+            response_deserializer=fleet_pb2.UploadReply.FromString,
+        )
+        self.replies: queue.Queue[fleet_pb2.UploadReply | Exception] = queue.Queue()
+        self._responses = call(self._parts(), timeout=60)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _parts(self) -> Iterator[fleet_pb2.UploadPart | bytes]:
+        while (step := self._steps.get()) is not None:
+            yield from step
+
+    def _read(self) -> None:
+        try:
+            for reply in self._responses:
+                self.replies.put(reply)
+        except grpc.RpcError as exc:
+            self.replies.put(exc)
+
+    def send_weights(self) -> None:
+        self._steps.put(self._rest)
+        self._steps.put(None)
+
+
+def _template(task: TaskSpec) -> dict[str, torch.Tensor]:
+    return dict(build_model(task.model_spec).state_dict())
+
+
+def _pull(client: FleetClient) -> TaskSpec:
+    for _ in range(30):
+        task = client.pull_task(1.0).task
+        if task is not None:
+            return task
+    raise AssertionError("no task arrived")
+
+
+def test_a_silo_gets_ready_only_when_a_slot_is_free(start: StartCoordinator, pki_dir: Path) -> None:
+    coordinator = start(max_concurrent_uploads=1)
+    port = coordinator.fleet.port
+    channels = {name: silo_channel(pki_dir, name, port) for name in SILOS[:2]}
+    clients = {name: FleetClient(channel) for name, channel in channels.items()}
+    for client in clients.values():
+        client.register(agent_version="test", device="cpu", num_train=5, num_eval=0)
+    with AdminClient(
+        f"127.0.0.1:{coordinator.admin.port}", tls=participant_files(pki_dir, "admin")
+    ) as admin:
+        admin.submit(yaml.safe_dump(SPEC))
+    a_name, b_name = SILOS[:2]
+    tasks = {name: _pull(client) for name, client in clients.items()}
+
+    a = HandDrivenUpload(channels[a_name], clients[a_name], tasks[a_name])
+    first = a.replies.get(timeout=30)
+    assert isinstance(first, fleet_pb2.UploadReply) and first.ready
+
+    b = HandDrivenUpload(channels[b_name], clients[b_name], tasks[b_name])
+    # A holds the only slot: B's header gets no answer, so B sends no weights.
+    try:
+        early = b.replies.get(timeout=1.5)
+    except queue.Empty:
+        early = None
+    assert early is None, early
+
+    a.send_weights()
+    done = a.replies.get(timeout=30)
+    assert isinstance(done, fleet_pb2.UploadReply) and done.accepted, done
+
+    ready = b.replies.get(timeout=30)  # the slot came free
+    assert isinstance(ready, fleet_pb2.UploadReply) and ready.ready, ready
+    b.send_weights()
+    done = b.replies.get(timeout=30)
+    assert isinstance(done, fleet_pb2.UploadReply) and done.accepted, done
+    for channel in channels.values():
+        channel.close()
