@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -381,12 +382,19 @@ def step_costs(weights: WeightMap, manifest: Manifest, silos: int) -> list[dict[
     received_chunks = [serde.part_chunk(part) for part in received]
     expected = specs_of(weights)
 
-    def receive() -> PayloadReceiver:
-        receiver = PayloadReceiver(manifest, expected=expected)
+    def receive(buffer: bytearray | None = None) -> PayloadReceiver:
+        receiver = PayloadReceiver(manifest, expected=expected, buffer=buffer)
         for chunk in received_chunks:
             receiver.add(chunk)
         return receiver
 
+    def sha256_of_chunks() -> str:
+        digest = hashlib.sha256()
+        for chunk in chunks:
+            digest.update(chunk.data)
+        return digest.hexdigest()
+
+    reused = bytearray(manifest.total_bytes)
     receiver = receive()
     tensors = receiver.finish()
     total = RunningSum(weights)
@@ -401,10 +409,10 @@ def step_costs(weights: WeightMap, manifest: Manifest, silos: int) -> list[dict[
             lambda: list(iter_chunks(weights, manifest, crcs=crcs)),
         ),
         (
-            "chunk_wire: encode the chunk parts",
+            "chunk_wire: encode the chunk parts, one at a time as streamed",
             1,
             1,
-            lambda: list(serde.weight_stream_to_wire(manifest, iter(chunks))),
+            lambda: deque(serde.weight_stream_to_wire(manifest, iter(chunks)), maxlen=0),
         ),
         (
             "chunk_wire: decode the chunk parts",
@@ -412,7 +420,13 @@ def step_costs(weights: WeightMap, manifest: Manifest, silos: int) -> list[dict[
             1,
             lambda: [serde.deserialize_weight_part(b) for b in wire[1:]],
         ),
-        ("PayloadReceiver.add: crc32 + copy + sha256", 1, 1, receive),
+        ("PayloadReceiver.add into a new buffer: crc32 + copy + sha256", 0, 1, receive),
+        (
+            "PayloadReceiver.add into a reused buffer (coordinator)",
+            1,
+            0,
+            lambda: receive(reused),
+        ),
         ("PayloadReceiver.finish: finiteness", 1, 1, receiver.finish),
         ("RunningSum.add", 1, 0, lambda: total.add(tensors, 1)),
         (
@@ -427,7 +441,7 @@ def step_costs(weights: WeightMap, manifest: Manifest, silos: int) -> list[dict[
             0,
             lambda: [crc32(c.data) for c in chunks],
         ),
-        ("(part of the above) sha256 of the payload", 0, 0, lambda: hashlib.sha256(b"".join(wire))),
+        ("(part of the above) sha256 of the payload", 0, 0, sha256_of_chunks),
         (
             "(replaced) protobuf classes: build + serialize + parse + bytes out",
             0,

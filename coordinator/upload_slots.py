@@ -26,6 +26,7 @@ class UploadSlots:
         self._slots = threading.BoundedSemaphore(count)
         self._lock = threading.Lock()
         self._spare: list[bytearray] = []
+        self._generation = 0  # advanced by drop_spares()
 
     @contextmanager
     def slot(self, timeout_s: float) -> Iterator[Callable[[int], bytearray] | None]:
@@ -38,6 +39,8 @@ class UploadSlots:
         if not self._slots.acquire(timeout=max(0.0, timeout_s)):
             yield None
             return
+        with self._lock:
+            generation = self._generation
         lent: list[bytearray] = []
 
         def lend(nbytes: int) -> bytearray:
@@ -49,15 +52,18 @@ class UploadSlots:
             yield lend
         finally:
             with self._lock:
+                # An upload that ends after drop_spares() keeps nothing: the round is closing.
                 for buffer in lent:
-                    if len(self._spare) < self._count:
+                    if generation == self._generation and len(self._spare) < self._count:
                         self._spare.append(buffer)
             self._slots.release()
 
     def drop_spares(self) -> None:
-        """Frees the buffers kept for reuse (the round's uploads are over)."""
+        """Frees the buffers kept for reuse, and those of uploads still in progress as they end
+        (the round's uploads are over)."""
         with self._lock:
             self._spare.clear()
+            self._generation += 1
 
     def _take(self, nbytes: int) -> bytearray:
         with self._lock:

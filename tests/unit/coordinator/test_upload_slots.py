@@ -96,3 +96,14 @@ def test_at_most_count_slots_are_held_at_once() -> None:
 def test_at_least_one_slot() -> None:
     with pytest.raises(ValueError, match="at least one"):
         UploadSlots(0)
+
+
+def test_an_upload_that_ends_after_the_drop_keeps_nothing() -> None:
+    slots = UploadSlots(1)
+    with slots.slot(1.0) as lend:
+        assert lend is not None
+        old = lend(10)
+        slots.drop_spares()  # the round closed while this upload was finishing
+    with slots.slot(1.0) as lend:
+        assert lend is not None
+        assert lend(10) is not old
