@@ -91,6 +91,10 @@ class FlSettings:
     strategy: StrategySpec = StrategySpec()
     #: learning rate per round (1-based) instead of the constant ``learning_rate``
     schedule: Callable[[int], float] | None = None
+    #: fraction of each silo's part held out for federated evaluation; None: the demo's setting
+    hold_out: float | None = None
+    #: inputs standardised with the pooled training mean and std (silos and test set alike)
+    standardize: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,16 @@ VARIANTS: dict[str, Variant] = {
         pretrained=False,
         fl=FlSettings(schedule=_cosine_over_rounds(30, 0.05)),
     ),
+    "scratch-all-data": Variant(
+        "FL from scratch, silos train on all of their part (no 10% held out)",
+        pretrained=False,
+        fl=FlSettings(hold_out=0.0),
+    ),
+    "scratch-standardized": Variant(
+        "FL from scratch on standardised inputs (pooled training mean and std)",
+        pretrained=False,
+        fl=FlSettings(standardize=True),
+    ),
     "gptfl-60": Variant("the demo's GPT-FL run for 60 rounds", fl=FlSettings(rounds=60)),
     "scratch-60": Variant(
         "FL from scratch for 60 rounds", pretrained=False, fl=FlSettings(rounds=60)
@@ -269,9 +283,24 @@ def silo_data(fl: FlSettings, seed: int) -> list[tuple[str, ArrayDataset]]:
     for plan in digits_silos(count=fl.silos, alpha=fl.alpha, seed=seed):
         source = SklearnDigitsSource.model_validate(plan.data["train"])
         data = load_source(source, in_channels=1, image_size=8)
-        kept, _held = split_fraction(len(data), fraction=plan.data["eval_fraction"], seed=0)
-        out.append((plan.silo_id, data.subset(kept)))
+        hold_out = plan.data["eval_fraction"] if fl.hold_out is None else fl.hold_out
+        if hold_out:
+            kept, _held = split_fraction(len(data), fraction=hold_out, seed=0)
+            data = data.subset(kept)
+        out.append((plan.silo_id, data))
     return out
+
+
+def standardized(
+    silos: list[tuple[str, ArrayDataset]], test: ArrayDataset
+) -> tuple[list[tuple[str, ArrayDataset]], ArrayDataset]:
+    pooled = np.concatenate([np.asarray(d.x) for _, d in silos])
+    mean, std = float(pooled.mean()), float(pooled.std())
+
+    def scale(d: ArrayDataset) -> ArrayDataset:
+        return ArrayDataset(x=((np.asarray(d.x) - mean) / std).astype(np.float32), y=d.y)
+
+    return [(s, scale(d)) for s, d in silos], scale(test)
 
 
 def test_accuracy(weights: WeightMap, test: ArrayDataset) -> float:
@@ -283,6 +312,8 @@ def test_accuracy(weights: WeightMap, test: ArrayDataset) -> float:
 def federate(start: WeightMap, fl: FlSettings, seed: int, test: ArrayDataset) -> list[float]:
     """Test accuracy after each round, as the coordinator and silo agents compute it."""
     silos = silo_data(fl, seed)
+    if fl.standardize:
+        silos, test = standardized(silos, test)
     strategy = build_strategy(fl.strategy)
     weights = {k: v.clone() for k, v in start.items()}
     model = build_model(MODEL)
