@@ -25,6 +25,9 @@ from gptfl.synth_spec import (
 )
 
 StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")
+#: the adaptive strategies' server learning rate when a job spec leaves it out
+ADAPTIVE_SERVER_LR = 0.01
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 
 
@@ -49,11 +52,25 @@ class StrategySpec(StrictModel):
 
     name: StrategyName = "fedavg"
     proximal_mu: float = pydantic.Field(0.01, ge=0)
+    #: left out: 1.0 for ``fedavgm``, 0.01 for the adaptive ones (:data:`ADAPTIVE_SERVER_LR`)
     server_learning_rate: float = pydantic.Field(1.0, gt=0)
     server_momentum: float = pydantic.Field(0.9, ge=0, lt=1)
     beta1: float = pydantic.Field(0.9, ge=0, lt=1)
     beta2: float = pydantic.Field(0.99, ge=0, lt=1)
     tau: float = pydantic.Field(1e-3, gt=0)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _default_server_learning_rate(cls, data: Any) -> Any:
+        # An adaptive server optimizer moves every coordinate by about eta per round, so the
+        # 1.0 that suits fedavgm would wreck the model (docs/job-spec.md, "The math").
+        if (
+            isinstance(data, dict)
+            and "server_learning_rate" not in data
+            and data.get("name") in ADAPTIVE_STRATEGIES
+        ):
+            return {**data, "server_learning_rate": ADAPTIVE_SERVER_LR}
+        return data
 
 
 class EvaluationSpec(StrictModel):

@@ -10,7 +10,7 @@ import pytest
 from gptfl.config_loading import parse_config
 from gptfl.data.sources import SklearnDigitsSource
 from gptfl.errors import ConfigError
-from gptfl.job_spec import JobSpec, load_job_spec, parse_job_spec
+from gptfl.job_spec import JobSpec, StrategySpec, load_job_spec, parse_job_spec
 
 MINIMAL = """\
 name: digits-1
@@ -245,3 +245,19 @@ def test_pretrain_labels_must_name_every_class_once() -> None:
 def test_pretrain_and_initial_model_exclude_each_other() -> None:
     message = _error(PRETRAIN + "initial_model: start.safetensors\n")
     assert "initial_model and pretrain exclude each other" in message, message
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        ({"name": "fedadam"}, 0.01),
+        ({"name": "fedyogi"}, 0.01),
+        ({"name": "fedadagrad"}, 0.01),
+        ({"name": "fedavgm"}, 1.0),
+        ({"name": "fedadam", "server_learning_rate": 0.3}, 0.3),
+    ],
+)
+def test_server_learning_rate_defaults_by_strategy(
+    strategy: dict[str, object], expected: float
+) -> None:
+    assert StrategySpec.model_validate(strategy).server_learning_rate == expected
