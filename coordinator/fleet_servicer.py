@@ -6,7 +6,7 @@ The caller's silo id always comes from its certificate, never from a request fie
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -16,11 +16,11 @@ from coordinator.job_runner import EvaluationResult, UpdateHeader
 from coordinator.job_state import Phase
 from coordinator.silo_registry import SiloRegistry
 from gptfl import __version__, serde
-from gptfl.errors import ValidationError
+from gptfl.errors import StaleTaskError, ValidationError
 from gptfl.identity import caller_identity, require_role
 from gptfl.proto.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
 from gptfl.rpc import maps_errors, maps_stream_errors
-from gptfl.weights import Chunk
+from gptfl.weights import Chunk, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -134,24 +134,15 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             train_metrics=serde.metrics_from_pb(first.header.train_metrics),
             train_seconds=first.header.train_seconds,
         )
-        with runner.admit_update(silo, header) as receive:  # waits for an upload slot
+        # Waits for an upload slot; the round ends the call if it closes while the slot is held.
+        with runner.admit_update(silo, header, cancel=context.cancel) as receive:
             yield fleet_pb2.UploadReply(ready=True)
-            second = next(request_iterator, None)
-            if (
-                second is None
-                or isinstance(second, Chunk)
-                or second.WhichOneof("part") != "manifest"
-            ):
-                raise ValidationError("the upload header must be followed by the manifest")
-            manifest = serde.manifest_from_pb(second.manifest)
-
-            def chunks() -> Iterator[Chunk]:
-                for part in request_iterator:
-                    if serde.part_kind(part) != "chunk":
-                        raise ValidationError("only chunks may follow the manifest in an upload")
-                    yield serde.part_chunk(part)
-
-            receive(manifest, chunks())
+            try:
+                _receive_weights(request_iterator, receive)
+            except grpc.RpcError:  # the call ended: the silo went away or the round closed
+                raise StaleTaskError(
+                    f"the upload of task {header.task_id} ended before it was complete"
+                ) from None
         yield fleet_pb2.UploadReply(accepted=True, message="update accepted")
 
     @maps_errors
@@ -179,6 +170,24 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             raise ValidationError("a declined task needs a reason")
         self._jobs.active().decline(silo, request.task_id, request.reason)
         return fleet_pb2.Ack()
+
+
+def _receive_weights(
+    parts: Iterator[serde.UploadPart],
+    receive: Callable[[Manifest, Iterator[Chunk]], None],
+) -> None:
+    """Reads an admitted upload's manifest and chunks and hands them to ``receive``."""
+    second = next(parts, None)
+    if second is None or isinstance(second, Chunk) or second.WhichOneof("part") != "manifest":
+        raise ValidationError("the upload header must be followed by the manifest")
+
+    def chunks() -> Iterator[Chunk]:
+        for part in parts:
+            if serde.part_kind(part) != "chunk":
+                raise ValidationError("only chunks may follow the manifest in an upload")
+            yield serde.part_chunk(part)
+
+    receive(serde.manifest_from_pb(second.manifest), chunks())
 
 
 def add_fleet_servicer(servicer: FleetServicer, server: grpc.Server) -> None:

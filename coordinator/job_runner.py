@@ -114,6 +114,7 @@ class JobRunner:
         self._metrics = metrics
         self._initial_model = initial_model
         self._upload_slots = UploadSlots(max_concurrent_uploads)
+        self._uploading: dict[str, Callable[[], object]] = {}  # task id -> ends its upload's call
         self._keep = checkpoints_to_keep
         self._on_end = on_end
         self._strategy: Strategy = build_strategy(spec.strategy)
@@ -208,7 +209,7 @@ class JobRunner:
 
     @contextmanager
     def admit_update(
-        self, silo_id: str, header: UpdateHeader
+        self, silo_id: str, header: UpdateHeader, *, cancel: Callable[[], object] | None = None
     ) -> Iterator[Callable[[Manifest, Iterator[Chunk]], None]]:
         """Admits a silo's update: checks its header, claims its task, waits for an upload slot.
 
@@ -217,7 +218,8 @@ class JobRunner:
         Fleet servicer tells the silo to send its weights between the two steps, so a silo
         that waits for a slot has nothing in flight. Every check happens before the aggregate
         is touched; any failure, in the block too, is counted by reason and leaves the global
-        model and the sum as they were.
+        model and the sum as they were. ``cancel`` ends the upload's call: the round calls it
+        if it closes while the upload holds a slot, so a stalled silo cannot keep the slot.
         """
         try:
             task = self._board.lookup(silo_id, header.task_id, TaskKind.TRAIN)
@@ -249,7 +251,14 @@ class JobRunner:
                         )
                         outcome.append(self._fold(task, progress, weights, header.num_examples))
 
-                    yield receive
+                    if cancel is not None:
+                        with self._lock:
+                            self._uploading[task.task_id] = cancel
+                    try:
+                        yield receive
+                    finally:
+                        with self._lock:
+                            self._uploading.pop(task.task_id, None)
                 if not outcome:
                     raise ValidationError(f"the upload of task {task.task_id} sent no weights")
             except BaseException:
@@ -280,6 +289,27 @@ class JobRunner:
         except GptflError as exc:
             self._count_rejection(silo_id, exc)
             raise
+
+    def _cancel_expired_uploads(self, tasks: list[TaskRecord]) -> None:
+        """Ends the calls of uploads still holding a slot for tasks the round has expired.
+
+        They can no longer count, and a silo that stalls must not keep its slot. Uploads that
+        finished in time are left alone: they are about to send their result.
+        """
+        with self._lock:
+            stalled = [
+                (task, self._uploading.pop(task.task_id))
+                for task in tasks
+                if task.status is TaskStatus.EXPIRED and task.task_id in self._uploading
+            ]
+        for task, cancel in stalled:
+            log.warning(
+                "round %d closed during the upload of task %s from %s; ending that upload",
+                task.round,
+                task.task_id,
+                task.silo_id,
+            )
+            cancel()
 
     def _verified_update(
         self,
@@ -507,6 +537,7 @@ class JobRunner:
         self._board.wait_until(tasks, deadline, self._stop)
         with self._fold_lock:
             self._board.expire(tasks)
+        self._cancel_expired_uploads(tasks)
         self._upload_slots.drop_spares()  # the round's receive buffers: no use until the next
         if self._stop.is_set():
             self._board.retire(tasks)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,3 +131,37 @@ def test_a_silo_gets_ready_only_when_a_slot_is_free(start: StartCoordinator, pki
     assert isinstance(done, fleet_pb2.UploadReply) and done.accepted, done
     for channel in channels.values():
         channel.close()
+
+
+def test_a_silo_that_stalls_after_ready_loses_its_slot_when_the_round_closes(
+    start: StartCoordinator, pki_dir: Path
+) -> None:
+    coordinator = start(max_concurrent_uploads=1)
+    port = coordinator.fleet.port
+    name = SILOS[0]
+    channel = silo_channel(pki_dir, name, port)
+    client = FleetClient(channel)
+    client.register(agent_version="test", device="cpu", num_train=5, num_eval=0)
+    spec = {**SPEC, "min_silos": 1, "round_deadline_s": 3}
+    with AdminClient(
+        f"127.0.0.1:{coordinator.admin.port}", tls=participant_files(pki_dir, "admin")
+    ) as admin:
+        admin.submit(yaml.safe_dump(spec))
+    stalled = HandDrivenUpload(channel, client, _pull(client))
+    first = stalled.replies.get(timeout=30)
+    assert isinstance(first, fleet_pb2.UploadReply) and first.ready
+    # It never sends its weights. The round's deadline passes, and the coordinator ends the
+    # call instead of letting the silo keep the only upload slot.
+    ended = stalled.replies.get(timeout=30)
+    assert isinstance(ended, grpc.RpcError), ended
+    assert ended.code() == grpc.StatusCode.CANCELLED, ended
+    # ... and counts it as a stale update (the handler unwinds just after the call ends)
+    for _ in range(100):
+        stale = coordinator.metrics.registry.get_sample_value(
+            "gptfl_updates_rejected_total", {"reason": "stale_task"}
+        )
+        if stale:
+            break
+        time.sleep(0.05)
+    assert stale == 1.0
+    channel.close()
