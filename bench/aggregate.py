@@ -70,7 +70,10 @@ def coordinator_main(
         # server options appended to the ones every GPT-FL server gets.
         key, _, value = option.partition("=")
         rpc._SERVER_OPTIONS.append((key, int(value)))
-    weights = big_weights(model_mb)  # "the initial model is loaded" before any job
+    # "The initial model is loaded" before any job, and handed over to the job rather than
+    # kept here: from round 2 on the coordinator holds only its own global model, as it would
+    # with a model loaded from a file.
+    loaded = [big_weights(model_mb)]
     files = participant_files(pki_dir, "coordinator")
     config = CoordinatorConfig(
         fleet_address="127.0.0.1:0",
@@ -81,7 +84,7 @@ def coordinator_main(
         heartbeat_interval_s=30.0,  # long uploads queue behind the upload slots
     )
     coordinator = start_coordinator(
-        config, initial_model=lambda _runner: (weights, {"kind": "bench-aggregate"})
+        config, initial_model=lambda _runner: (loaded.pop(), {"kind": "bench-aggregate"})
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())

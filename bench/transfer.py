@@ -510,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="cProfile the coordinator's threads during the product runs (slows them down)",
     )
+    parser.add_argument(
+        "--no-steps",
+        action="store_true",
+        help="skip the per-step CPU table (it holds several copies of the model: not for 2 GB)",
+    )
     parser.add_argument("--out", type=Path, help="JSON result path (default bench/results/)")
     parser.add_argument(
         "--role", choices=["driver", "silo"], default="driver", help=argparse.SUPPRESS
@@ -570,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             coordinator.stop(grace_s=2)
         profile_text = profiles.report() if profiles is not None else None
         load_after = load_average()
-        costs = step_costs(weights, manifest, args.silos)
+        costs = [] if args.no_steps else step_costs(weights, manifest, args.silos)
 
     payload_bytes = manifest.total_bytes
     moved = 2 * args.silos * payload_bytes
@@ -619,28 +624,32 @@ def main(argv: list[str] | None = None) -> int:
         format_table(["path", "server CPU s", "silos CPU s (sum)", "downloads done at s"], cpu_rows)
     )
     print(f"\nload average before {load_before}, after {load_after}")
-    print(
-        f"\nwhere the product's extra CPU goes: one thread, seconds per {payload_bytes / 1e6:.0f}"
-        f" MB payload (torch threads {torch.get_num_threads()}), and how often each step runs"
-        f" per silo and round"
-    )
-    print(
-        format_table(
-            ["step", "seconds", "x coordinator", "x silo"],
-            [
-                [c["step"], c["seconds"], c["coordinator_per_silo"], c["silos_per_silo"]]
-                for c in costs
-            ],
+    extra_coordinator = extra_silos = 0.0
+    if costs:
+        print(
+            f"\nwhere the product's extra CPU goes: one thread, seconds per "
+            f"{payload_bytes / 1e6:.0f} MB payload (torch threads {torch.get_num_threads()}), "
+            "and how often each step runs per silo and round"
         )
-    )
-    extra_coordinator = args.silos * sum(c["seconds"] * c["coordinator_per_silo"] for c in costs)
-    extra_silos = args.silos * sum(c["seconds"] * c["silos_per_silo"] for c in costs)
-    print(
-        f"estimated CPU of these steps per round: coordinator {extra_coordinator:.2f}s, silos "
-        f"together {extra_silos:.2f}s (the floor's whole CPU: server "
-        f"{median(r['server_cpu_s'] for r in floor_runs):.2f}s, silos "
-        f"{median(r['silo_cpu_s'] for r in floor_runs):.2f}s)"
-    )
+        print(
+            format_table(
+                ["step", "seconds", "x coordinator", "x silo"],
+                [
+                    [c["step"], c["seconds"], c["coordinator_per_silo"], c["silos_per_silo"]]
+                    for c in costs
+                ],
+            )
+        )
+        extra_coordinator = args.silos * sum(
+            c["seconds"] * c["coordinator_per_silo"] for c in costs
+        )
+        extra_silos = args.silos * sum(c["seconds"] * c["silos_per_silo"] for c in costs)
+        print(
+            f"estimated CPU of these steps per round: coordinator {extra_coordinator:.2f}s, silos "
+            f"together {extra_silos:.2f}s (the floor's whole CPU: server "
+            f"{median(r['server_cpu_s'] for r in floor_runs):.2f}s, silos "
+            f"{median(r['silo_cpu_s'] for r in floor_runs):.2f}s)"
+        )
     result = {
         "bench": "transfer",
         "when": stamp(),

@@ -525,6 +525,9 @@ class JobRunner:
         assert self._global is not None
         tasks = self._make_tasks(number, TaskKind.TRAIN, selected)
         progress = _RoundProgress(number, tasks, RunningSum(self._global.weights))
+        # The first upload's receive buffer, allocated (and its pages faulted in) while the
+        # silos train rather than when their updates arrive.
+        self._upload_slots.prepare(self._global.manifest.total_bytes)
         with self._lock:
             self._round = progress
             self.state.round = number

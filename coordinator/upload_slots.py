@@ -58,6 +58,16 @@ class UploadSlots:
                         self._spare.append(buffer)
             self._slots.release()
 
+    def prepare(self, nbytes: int) -> None:
+        """Allocates one buffer of ``nbytes`` ahead of need (when no spare of that size is kept)."""
+        with self._lock:
+            if any(len(spare) == nbytes for spare in self._spare):
+                return
+        buffer = bytearray(nbytes)
+        with self._lock:
+            if len(self._spare) < self._count:
+                self._spare.append(buffer)
+
     def drop_spares(self) -> None:
         """Frees the buffers kept for reuse, and those of uploads still in progress as they end
         (the round's uploads are over)."""

@@ -107,3 +107,14 @@ def test_an_upload_that_ends_after_the_drop_keeps_nothing() -> None:
     with slots.slot(1.0) as lend:
         assert lend is not None
         assert lend(10) is not old
+
+
+def test_a_prepared_buffer_is_lent_to_the_first_upload() -> None:
+    slots = UploadSlots(1)
+    slots.prepare(64)
+    slots.prepare(64)  # already there: no second buffer
+    assert len(slots._spare) == 1
+    prepared = slots._spare[0]
+    with slots.slot(1.0) as lend:
+        assert lend is not None
+        assert lend(64) is prepared
