@@ -261,8 +261,14 @@ class JobRunner:
                             self._uploading.pop(task.task_id, None)
                 if not outcome:
                     raise ValidationError(f"the upload of task {task.task_id} sent no weights")
-            except BaseException:
+            except BaseException as exc:
                 self._board.release(task)
+                if task.status is TaskStatus.EXPIRED and isinstance(exc, GptflError):
+                    # The round closed during the upload and ended its call: whatever the
+                    # parts then looked like (cut short, missing), the upload was too late.
+                    raise StaleTaskError(
+                        f"round {task.round} closed during the upload of task {task.task_id}"
+                    ) from exc
                 raise
             if not outcome[0]:
                 raise StaleTaskError(
