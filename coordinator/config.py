@@ -47,6 +47,9 @@ class CoordinatorConfig(StrictModel):
     #: updates received at once; each costs one model copy while it is assembled, so memory
     #: is about (1 + this) model sizes above idle. Raise it for slow links and spare memory.
     max_concurrent_uploads: int = pydantic.Field(1, ge=1)
+    #: an upload that holds a slot but sends nothing for this long is ended, so a silo whose
+    #: link stalls cannot keep the others waiting until the round's deadline
+    upload_stall_timeout_s: float = pydantic.Field(60.0, gt=0)
     checkpoints_to_keep: int = pydantic.Field(3, ge=1)
     shutdown_grace_s: float = pydantic.Field(10.0, ge=0)
     log_format: Literal["text", "json"] = "text"

@@ -76,6 +76,7 @@ class JobManager:
         board: TaskBoard,
         metrics: CoordinatorMetrics,
         max_concurrent_uploads: int = 1,
+        upload_stall_timeout_s: float = 60.0,
         checkpoints_to_keep: int = 3,
         initial_model: InitialModel | None = None,
         synth: SynthAccess | None = None,
@@ -95,6 +96,7 @@ class JobManager:
         self._board = board
         self._metrics = metrics
         self._uploads = max_concurrent_uploads
+        self._stall_timeout_s = upload_stall_timeout_s
         self._keep = checkpoints_to_keep
         self._initial_model = initial_model
         self._lock = threading.Lock()
@@ -248,6 +250,7 @@ class JobManager:
             metrics=self._metrics,
             initial_model=self._initial_model,
             max_concurrent_uploads=self._uploads,
+            upload_stall_timeout_s=self._stall_timeout_s,
             checkpoints_to_keep=self._keep,
             resume_from=checkpoint,
             evaluator=evaluator,

@@ -24,6 +24,7 @@ from typing import Any
 from coordinator.aggregation import RunningSum
 from coordinator.checkpoint import Checkpoint, save_checkpoint
 from coordinator.evaluation import ServerEvaluator
+from coordinator.inflight_uploads import InFlightUploads, TrackedUpload
 from coordinator.job_state import JobState, Phase, RoundRecord, SiloSummary
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.report import export_job
@@ -31,7 +32,7 @@ from coordinator.silo_registry import SiloRegistry
 from coordinator.strategies import Strategy, build_strategy
 from coordinator.tasks import ModelVersion, TaskBoard, TaskRecord, TaskStatus
 from coordinator.upload_slots import UploadSlots
-from gptfl.errors import GptflError, StaleTaskError, ValidationError
+from gptfl.errors import GptflError, StaleTaskError, StalledUploadError, ValidationError
 from gptfl.job_spec import JobSpec
 from gptfl.task import LocalSettings, TaskKind
 from gptfl.weights import (
@@ -85,6 +86,21 @@ class _RoundProgress:
     rejected: int = 0
 
 
+def _nothing() -> None:
+    """The cancel function of an upload that has no call to end (in-process callers)."""
+
+
+def _ended_error(upload: TrackedUpload, stall_timeout_s: float) -> GptflError:
+    """Why the coordinator ended an upload: what the silo and the metrics are told."""
+    task = upload.task
+    if upload.ended_for == "stalled":
+        return StalledUploadError(
+            f"the upload of task {task.task_id} sent nothing for more than "
+            f"{stall_timeout_s:g} s and was ended"
+        )
+    return StaleTaskError(f"round {task.round} closed during the upload of task {task.task_id}")
+
+
 class JobRunner:
     """Runs one job from its first round (or a checkpoint) to the end."""
 
@@ -100,6 +116,7 @@ class JobRunner:
         metrics: CoordinatorMetrics,
         initial_model: InitialModel,
         max_concurrent_uploads: int = 1,
+        upload_stall_timeout_s: float = 60.0,
         checkpoints_to_keep: int = 3,
         resume_from: Checkpoint | None = None,
         evaluator: ServerEvaluator | None = None,
@@ -114,7 +131,7 @@ class JobRunner:
         self._metrics = metrics
         self._initial_model = initial_model
         self._upload_slots = UploadSlots(max_concurrent_uploads)
-        self._uploading: dict[str, Callable[[], object]] = {}  # task id -> ends its upload's call
+        self._in_flight = InFlightUploads(upload_stall_timeout_s)
         self._keep = checkpoints_to_keep
         self._on_end = on_end
         self._strategy: Strategy = build_strategy(spec.strategy)
@@ -234,6 +251,7 @@ class JobRunner:
                 raise ValidationError(f"num_examples must be positive, got {header.num_examples}")
             self._board.claim(task)
             outcome: list[bool] = []  # whether the update was folded, once received
+            tracked: TrackedUpload | None = None
             try:
                 with self._upload_slots.slot(task.deadline_unix - time.time()) as lend:
                     if lend is None:
@@ -242,33 +260,25 @@ class JobRunner:
                             f"freed up for task {task.task_id}"
                         )
                     slot_buffer = lend
+                    with self._in_flight.track(task, cancel or _nothing) as tracked:
+                        upload = tracked
 
-                    def receive(manifest: Manifest, chunks: Iterator[Chunk]) -> None:
-                        # the manifest is checked before its size decides a buffer's
-                        check_manifest(manifest, expected=task.model.manifest.specs)
-                        weights = self._verified_update(
-                            silo_id, task, manifest, chunks, slot_buffer(manifest.total_bytes)
-                        )
-                        outcome.append(self._fold(task, progress, weights, header.num_examples))
+                        def receive(manifest: Manifest, chunks: Iterator[Chunk]) -> None:
+                            # the manifest is checked before its size decides a buffer's
+                            check_manifest(manifest, expected=task.model.manifest.specs)
+                            buffer = slot_buffer(manifest.total_bytes)
+                            weights = self._verified_update(
+                                silo_id, task, manifest, chunks, buffer, upload.touch
+                            )
+                            outcome.append(self._fold(task, progress, weights, header.num_examples))
 
-                    if cancel is not None:
-                        with self._lock:
-                            self._uploading[task.task_id] = cancel
-                    try:
                         yield receive
-                    finally:
-                        with self._lock:
-                            self._uploading.pop(task.task_id, None)
                 if not outcome:
                     raise ValidationError(f"the upload of task {task.task_id} sent no weights")
             except BaseException as exc:
                 self._board.release(task)
-                if task.status is TaskStatus.EXPIRED and isinstance(exc, GptflError):
-                    # The round closed during the upload and ended its call: whatever the
-                    # parts then looked like (cut short, missing), the upload was too late.
-                    raise StaleTaskError(
-                        f"round {task.round} closed during the upload of task {task.task_id}"
-                    ) from exc
+                if isinstance(exc, GptflError) and tracked is not None and tracked.ended_for:
+                    raise _ended_error(tracked, self._in_flight.stall_timeout_s) from exc
                 raise
             if not outcome[0]:
                 raise StaleTaskError(
@@ -296,27 +306,6 @@ class JobRunner:
             self._count_rejection(silo_id, exc)
             raise
 
-    def _cancel_expired_uploads(self, tasks: list[TaskRecord]) -> None:
-        """Ends the calls of uploads still holding a slot for tasks the round has expired.
-
-        They can no longer count, and a silo that stalls must not keep its slot. Uploads that
-        finished in time are left alone: they are about to send their result.
-        """
-        with self._lock:
-            stalled = [
-                (task, self._uploading.pop(task.task_id))
-                for task in tasks
-                if task.status is TaskStatus.EXPIRED and task.task_id in self._uploading
-            ]
-        for task, cancel in stalled:
-            log.warning(
-                "round %d closed during the upload of task %s from %s; ending that upload",
-                task.round,
-                task.task_id,
-                task.silo_id,
-            )
-            cancel()
-
     def _verified_update(
         self,
         silo_id: str,
@@ -324,6 +313,7 @@ class JobRunner:
         manifest: Manifest,
         chunks: Iterator[Chunk],
         buffer: bytearray,
+        on_chunk: Callable[[], None],
     ) -> WeightMap:
         """Receives an update into ``buffer`` and verifies it (names, shapes, sums, values)."""
         receiver = PayloadReceiver(manifest, expected=task.model.manifest.specs, buffer=buffer)
@@ -331,6 +321,7 @@ class JobRunner:
         for chunk in chunks:
             receiver.add(chunk)
             received.inc(len(chunk.data))
+            on_chunk()
         return receiver.finish()
 
     def _fold(
@@ -543,10 +534,15 @@ class JobRunner:
         self._metrics.current_round.set(number)
         self._board.publish(tasks)
         deadline = time.monotonic() + self.spec.round_deadline_s
-        self._board.wait_until(tasks, deadline, self._stop)
+        while True:  # wake every second to end uploads that stall
+            self._board.wait_until(tasks, min(deadline, time.monotonic() + 1.0), self._stop)
+            done = all(t.status.finished for t in tasks)
+            if done or self._stop.is_set() or time.monotonic() >= deadline:
+                break
+            self._in_flight.end_stalled()
         with self._fold_lock:
             self._board.expire(tasks)
-        self._cancel_expired_uploads(tasks)
+        self._in_flight.end_expired(tasks)
         self._upload_slots.drop_spares()  # the round's receive buffers: no use until the next
         if self._stop.is_set():
             self._board.retire(tasks)

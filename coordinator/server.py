@@ -74,6 +74,7 @@ def start_coordinator(
         board=board,
         metrics=metrics,
         max_concurrent_uploads=config.max_concurrent_uploads,
+        upload_stall_timeout_s=config.upload_stall_timeout_s,
         checkpoints_to_keep=config.checkpoints_to_keep,
         synth=SynthAccess.from_config(config),
         **extra,

@@ -121,6 +121,14 @@ class CancelledError(GptflError):
     reason = "cancelled"
 
 
+class StalledUploadError(GptflError):
+    """An admitted upload sent nothing for longer than the coordinator's stall timeout, so the
+    coordinator ended it to free its upload slot."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "stalled"
+
+
 class UnavailableError(GptflError):
     """A service is unavailable: one this one depends on (the synth service, the Kubernetes
     API) did not answer or was not SERVING in time, or this one is shutting down."""

@@ -165,3 +165,45 @@ def test_a_silo_that_stalls_after_ready_loses_its_slot_when_the_round_closes(
         time.sleep(0.05)
     assert stale == 1.0
     channel.close()
+
+
+def test_an_upload_that_stalls_is_ended_and_the_next_silo_gets_the_slot(
+    start: StartCoordinator, pki_dir: Path
+) -> None:
+    coordinator = start(max_concurrent_uploads=1, upload_stall_timeout_s=1.0)
+    port = coordinator.fleet.port
+    channels = {name: silo_channel(pki_dir, name, port) for name in SILOS[:2]}
+    clients = {name: FleetClient(channel) for name, channel in channels.items()}
+    for client in clients.values():
+        client.register(agent_version="test", device="cpu", num_train=5, num_eval=0)
+    spec = {**SPEC, "min_silos": 1, "round_deadline_s": 60}
+    with AdminClient(
+        f"127.0.0.1:{coordinator.admin.port}", tls=participant_files(pki_dir, "admin")
+    ) as admin:
+        admin.submit(yaml.safe_dump(spec))
+    a_name, b_name = SILOS[:2]
+    tasks = {name: _pull(client) for name, client in clients.items()}
+
+    stalled = HandDrivenUpload(channels[a_name], clients[a_name], tasks[a_name])
+    first = stalled.replies.get(timeout=30)
+    assert isinstance(first, fleet_pb2.UploadReply) and first.ready
+    waiting = HandDrivenUpload(channels[b_name], clients[b_name], tasks[b_name])
+    # A sends nothing after `ready`: about a second later the coordinator ends its call,
+    # long before the round's 60 s deadline, and B is admitted.
+    ended = stalled.replies.get(timeout=20)
+    assert isinstance(ended, grpc.RpcError) and ended.code() == grpc.StatusCode.CANCELLED, ended
+    ready = waiting.replies.get(timeout=20)
+    assert isinstance(ready, fleet_pb2.UploadReply) and ready.ready, ready
+    waiting.send_weights()
+    done = waiting.replies.get(timeout=30)
+    assert isinstance(done, fleet_pb2.UploadReply) and done.accepted, done
+    for _ in range(100):
+        stalls = coordinator.metrics.registry.get_sample_value(
+            "gptfl_updates_rejected_total", {"reason": "stalled"}
+        )
+        if stalls:
+            break
+        time.sleep(0.05)
+    assert stalls == 1.0
+    for channel in channels.values():
+        channel.close()

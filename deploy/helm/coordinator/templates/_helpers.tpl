@@ -102,6 +102,7 @@ owned by the chart so they always agree with the pod spec; the rest comes from .
   "heartbeat_misses" $c.heartbeat_misses
   "max_workers" $c.max_workers
   "max_concurrent_uploads" $c.max_concurrent_uploads
+  "upload_stall_timeout_s" $c.upload_stall_timeout_s
   "checkpoints_to_keep" $c.checkpoints_to_keep
   "shutdown_grace_s" $c.shutdown_grace_s
   "log_format" $c.log_format
