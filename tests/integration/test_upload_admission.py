@@ -94,25 +94,67 @@ def _pull(client: FleetClient) -> TaskSpec:
     raise AssertionError("no task arrived")
 
 
-def test_a_silo_gets_ready_only_when_a_slot_is_free(start: StartCoordinator, pki_dir: Path) -> None:
-    coordinator = start(max_concurrent_uploads=1)
-    port = coordinator.fleet.port
-    channels = {name: silo_channel(pki_dir, name, port) for name in SILOS[:2]}
-    clients = {name: FleetClient(channel) for name, channel in channels.items()}
-    for client in clients.values():
-        client.register(agent_version="test", device="cpu", num_train=5, num_eval=0)
-    with AdminClient(
-        f"127.0.0.1:{coordinator.admin.port}", tls=participant_files(pki_dir, "admin")
-    ) as admin:
-        admin.submit(yaml.safe_dump(SPEC))
-    a_name, b_name = SILOS[:2]
-    tasks = {name: _pull(client) for name, client in clients.items()}
+class Federation:
+    """A coordinator with one upload slot, silos registered and holding their round-1 tasks."""
 
-    a = HandDrivenUpload(channels[a_name], clients[a_name], tasks[a_name])
-    first = a.replies.get(timeout=30)
+    def __init__(
+        self,
+        start: StartCoordinator,
+        pki_dir: Path,
+        silos: int,
+        spec: dict[str, object],
+        **config: float,
+    ) -> None:
+        self.coordinator = start(max_concurrent_uploads=1, **config)
+        port = self.coordinator.fleet.port
+        self.names = list(SILOS[:silos])
+        self.channels = {name: silo_channel(pki_dir, name, port) for name in self.names}
+        self.clients = {name: FleetClient(ch) for name, ch in self.channels.items()}
+        for client in self.clients.values():
+            client.register(agent_version="test", device="cpu", num_train=5, num_eval=0)
+        with AdminClient(
+            f"127.0.0.1:{self.coordinator.admin.port}", tls=participant_files(pki_dir, "admin")
+        ) as admin:
+            admin.submit(yaml.safe_dump(spec))
+        self.tasks = {name: _pull(client) for name, client in self.clients.items()}
+
+    def upload(self, index: int) -> HandDrivenUpload:
+        """Starts silo ``index``'s upload: its header is sent, its weights wait for a step."""
+        name = self.names[index]
+        return HandDrivenUpload(self.channels[name], self.clients[name], self.tasks[name])
+
+    def rejected(self, reason: str) -> float:
+        """The rejection count for ``reason``, once the handler has unwound (it does so just
+        after the call ends, so the count may trail the silo's error by a moment)."""
+        value = 0.0
+        for _ in range(100):
+            value = (
+                self.coordinator.metrics.registry.get_sample_value(
+                    "gptfl_updates_rejected_total", {"reason": reason}
+                )
+                or 0.0
+            )
+            if value:
+                break
+            time.sleep(0.05)
+        return value
+
+    def close(self) -> None:
+        for channel in self.channels.values():
+            channel.close()
+
+
+def _reply(upload: HandDrivenUpload, timeout: float) -> fleet_pb2.UploadReply | Exception:
+    return upload.replies.get(timeout=timeout)
+
+
+def test_a_silo_gets_ready_only_when_a_slot_is_free(start: StartCoordinator, pki_dir: Path) -> None:
+    fed = Federation(start, pki_dir, 2, SPEC)
+    a = fed.upload(0)
+    first = _reply(a, 30)
     assert isinstance(first, fleet_pb2.UploadReply) and first.ready
 
-    b = HandDrivenUpload(channels[b_name], clients[b_name], tasks[b_name])
+    b = fed.upload(1)
     # A holds the only slot: B's header gets no answer, so B sends no weights.
     try:
         early = b.replies.get(timeout=1.5)
@@ -121,89 +163,49 @@ def test_a_silo_gets_ready_only_when_a_slot_is_free(start: StartCoordinator, pki
     assert early is None, early
 
     a.send_weights()
-    done = a.replies.get(timeout=30)
+    done = _reply(a, 30)
     assert isinstance(done, fleet_pb2.UploadReply) and done.accepted, done
 
-    ready = b.replies.get(timeout=30)  # the slot came free
+    ready = _reply(b, 30)  # the slot came free
     assert isinstance(ready, fleet_pb2.UploadReply) and ready.ready, ready
     b.send_weights()
-    done = b.replies.get(timeout=30)
+    done = _reply(b, 30)
     assert isinstance(done, fleet_pb2.UploadReply) and done.accepted, done
-    for channel in channels.values():
-        channel.close()
+    fed.close()
 
 
 def test_a_silo_that_stalls_after_ready_loses_its_slot_when_the_round_closes(
     start: StartCoordinator, pki_dir: Path
 ) -> None:
-    coordinator = start(max_concurrent_uploads=1)
-    port = coordinator.fleet.port
-    name = SILOS[0]
-    channel = silo_channel(pki_dir, name, port)
-    client = FleetClient(channel)
-    client.register(agent_version="test", device="cpu", num_train=5, num_eval=0)
-    spec = {**SPEC, "min_silos": 1, "round_deadline_s": 3}
-    with AdminClient(
-        f"127.0.0.1:{coordinator.admin.port}", tls=participant_files(pki_dir, "admin")
-    ) as admin:
-        admin.submit(yaml.safe_dump(spec))
-    stalled = HandDrivenUpload(channel, client, _pull(client))
-    first = stalled.replies.get(timeout=30)
+    fed = Federation(start, pki_dir, 1, {**SPEC, "min_silos": 1, "round_deadline_s": 3})
+    stalled = fed.upload(0)
+    first = _reply(stalled, 30)
     assert isinstance(first, fleet_pb2.UploadReply) and first.ready
     # It never sends its weights. The round's deadline passes, and the coordinator ends the
-    # call instead of letting the silo keep the only upload slot.
-    ended = stalled.replies.get(timeout=30)
-    assert isinstance(ended, grpc.RpcError), ended
-    assert ended.code() == grpc.StatusCode.CANCELLED, ended
-    # ... and counts it as a stale update (the handler unwinds just after the call ends)
-    for _ in range(100):
-        stale = coordinator.metrics.registry.get_sample_value(
-            "gptfl_updates_rejected_total", {"reason": "stale_task"}
-        )
-        if stale:
-            break
-        time.sleep(0.05)
-    assert stale == 1.0
-    channel.close()
+    # call instead of letting the silo keep the only upload slot; the update counts as stale.
+    ended = _reply(stalled, 30)
+    assert isinstance(ended, grpc.RpcError) and ended.code() == grpc.StatusCode.CANCELLED, ended
+    assert fed.rejected("stale_task") == 1.0
+    fed.close()
 
 
 def test_an_upload_that_stalls_is_ended_and_the_next_silo_gets_the_slot(
     start: StartCoordinator, pki_dir: Path
 ) -> None:
-    coordinator = start(max_concurrent_uploads=1, upload_stall_timeout_s=1.0)
-    port = coordinator.fleet.port
-    channels = {name: silo_channel(pki_dir, name, port) for name in SILOS[:2]}
-    clients = {name: FleetClient(channel) for name, channel in channels.items()}
-    for client in clients.values():
-        client.register(agent_version="test", device="cpu", num_train=5, num_eval=0)
     spec = {**SPEC, "min_silos": 1, "round_deadline_s": 60}
-    with AdminClient(
-        f"127.0.0.1:{coordinator.admin.port}", tls=participant_files(pki_dir, "admin")
-    ) as admin:
-        admin.submit(yaml.safe_dump(spec))
-    a_name, b_name = SILOS[:2]
-    tasks = {name: _pull(client) for name, client in clients.items()}
-
-    stalled = HandDrivenUpload(channels[a_name], clients[a_name], tasks[a_name])
-    first = stalled.replies.get(timeout=30)
+    fed = Federation(start, pki_dir, 2, spec, upload_stall_timeout_s=1.0)
+    stalled = fed.upload(0)
+    first = _reply(stalled, 30)
     assert isinstance(first, fleet_pb2.UploadReply) and first.ready
-    waiting = HandDrivenUpload(channels[b_name], clients[b_name], tasks[b_name])
+    waiting = fed.upload(1)
     # A sends nothing after `ready`: about a second later the coordinator ends its call,
     # long before the round's 60 s deadline, and B is admitted.
-    ended = stalled.replies.get(timeout=20)
+    ended = _reply(stalled, 20)
     assert isinstance(ended, grpc.RpcError) and ended.code() == grpc.StatusCode.CANCELLED, ended
-    ready = waiting.replies.get(timeout=20)
+    ready = _reply(waiting, 20)
     assert isinstance(ready, fleet_pb2.UploadReply) and ready.ready, ready
     waiting.send_weights()
-    done = waiting.replies.get(timeout=30)
+    done = _reply(waiting, 30)
     assert isinstance(done, fleet_pb2.UploadReply) and done.accepted, done
-    for _ in range(100):
-        stalls = coordinator.metrics.registry.get_sample_value(
-            "gptfl_updates_rejected_total", {"reason": "stalled"}
-        )
-        if stalls:
-            break
-        time.sleep(0.05)
-    assert stalls == 1.0
-    for channel in channels.values():
-        channel.close()
+    assert fed.rejected("stalled") == 1.0
+    fed.close()
