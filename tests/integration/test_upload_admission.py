@@ -1,8 +1,10 @@
-"""Upload admission: a silo is told `ready` only once an upload slot is free for it.
+"""Upload admission: a silo is told `ready` only once an upload slot is free for it, and
+cannot keep the slot by stalling.
 
-A real coordinator (mutual TLS, port 0, ``max_concurrent_uploads: 1``) runs a job for two
-silos. Silo A is admitted and holds the only slot; silo B's header is answered with nothing
-until A's update is in, so B has no weights in flight meanwhile. Both updates are accepted.
+A real coordinator (mutual TLS, port 0, ``max_concurrent_uploads: 1``) runs a job; silos send
+hand-driven upload streams. While silo A holds the only slot, silo B's header is answered with
+nothing, so B has no weights in flight; an A that stalls after `ready` is ended when the round
+closes, or sooner after ``upload_stall_timeout_s``, and B is admitted.
 """
 
 from __future__ import annotations
