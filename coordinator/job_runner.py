@@ -270,7 +270,7 @@ class JobRunner:
                             weights = self._verified_update(
                                 silo_id, task, manifest, chunks, buffer, upload.touch
                             )
-                            outcome.append(self._fold(task, progress, weights, header.num_examples))
+                            outcome.append(self._fold(task, progress, weights, header))
 
                         yield receive
                 if not outcome:
@@ -285,14 +285,6 @@ class JobRunner:
                     f"round {task.round} closed (deadline) before the upload of task "
                     f"{task.task_id} completed"
                 )
-            with self._lock:
-                progress.loss_sum += (
-                    header.train_metrics.get("loss", math.nan) * header.num_examples
-                )
-                progress.slowest_train_s = max(progress.slowest_train_s, header.train_seconds)
-                summary = self.state.silos.setdefault(silo_id, SiloSummary())
-                summary.rounds_participated += 1
-                summary.examples += header.num_examples
             self._registry.record_participation(silo_id, header.num_examples)
             self._metrics.updates_accepted.inc()
             self._metrics.silo_last_round.labels(silo=silo_id).set(task.round)
@@ -325,17 +317,27 @@ class JobRunner:
         return receiver.finish()
 
     def _fold(
-        self, task: TaskRecord, progress: _RoundProgress, weights: WeightMap, num_examples: int
+        self, task: TaskRecord, progress: _RoundProgress, weights: WeightMap, header: UpdateHeader
     ) -> bool:
-        """Closes the task and folds its update; False when the round expired it first.
+        """Closes the task and folds its update and its training figures; False when the round
+        expired the task first.
 
-        Both happen under the lock the round takes to expire its tasks: an upload overtaken
-        by the deadline is never half counted.
+        All of it happens under the lock the round takes to expire its tasks: an upload
+        overtaken by the deadline is never half counted, and a round that closes as soon as
+        its last task is done sees that task's loss and example count.
         """
         with self._fold_lock:
             if not self._board.finish(task, TaskStatus.DONE):
                 return False
-            progress.total.add(weights, num_examples)
+            progress.total.add(weights, header.num_examples)
+            with self._lock:
+                progress.loss_sum += (
+                    header.train_metrics.get("loss", math.nan) * header.num_examples
+                )
+                progress.slowest_train_s = max(progress.slowest_train_s, header.train_seconds)
+                summary = self.state.silos.setdefault(task.silo_id, SiloSummary())
+                summary.rounds_participated += 1
+                summary.examples += header.num_examples
             return True
 
     def receive_evaluation(self, silo_id: str, result: EvaluationResult) -> None:
