@@ -96,6 +96,9 @@ class GenerationSpec(StrictModel):
     guidance_min: float = pydantic.Field(1.0, ge=0.0)
     guidance_max: float = pydantic.Field(5.0, ge=0.0)
     guidance_step: float = pydantic.Field(0.5, ge=0.0)
+    #: text-to-image only: a text-to-text model folder on the synth service that writes the
+    #: first prompts of each label ("" = templates only)
+    prompt_expander: str = ""
 
     @pydantic.field_validator("resize_mode")
     @classmethod
@@ -177,6 +180,7 @@ class PretrainSpec(StrictModel):
             guidance_min=generation.guidance_min,
             guidance_max=generation.guidance_max,
             guidance_step=generation.guidance_step,
+            prompt_expander=generation.prompt_expander,
         )
 
 

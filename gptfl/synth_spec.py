@@ -40,6 +40,9 @@ class SynthesisRequest(StrictModel):
         guidance_min: lowest guidance scale drawn.
         guidance_max: highest guidance scale drawn.
         guidance_step: grid of the guidance draws (0: continuous).
+        prompt_expander: text-to-image only: a text-to-text model (a folder under the synth
+            service's ``models_dir``, e.g. T5 fine-tuned on CommonGen) whose sentences come
+            first among each label's prompts; "" uses the templates alone.
     """
 
     labels: list[str] = pydantic.Field(min_length=1)
@@ -53,6 +56,7 @@ class SynthesisRequest(StrictModel):
     guidance_min: float = pydantic.Field(default=1.0, ge=0.0)
     guidance_max: float = pydantic.Field(default=5.0, ge=0.0)
     guidance_step: float = pydantic.Field(default=0.5, ge=0.0)
+    prompt_expander: str = ""
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> SynthesisRequest:

@@ -44,7 +44,7 @@ from synth_service.generators import BUNDLED_DIGITS_GENERATOR, Generator, load_g
 from synth_service.generators.class_conditional import LABELS_FILE, read_labels_file
 from synth_service.metrics import SynthMetrics
 from synth_service.pretrain import EpochMetrics, PretrainResult, pretrain
-from synth_service.prompts import build_prompts
+from synth_service.prompts import Seq2SeqExpander, build_prompts
 from synth_service.store import DatasetStore
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class SynthEngine:
         self._refusing = threading.Event()
         self._aborting = threading.Event()
         self._loaded: tuple[tuple[Any, ...], Generator] | None = None
+        self._expander: tuple[Path, Seq2SeqExpander] | None = None
         if (config.models_dir / BUNDLED_DIGITS_NAME).exists():
             logger.warning(
                 "%s is ignored: the generator name %r always means the bundled digits generator",
@@ -159,6 +160,8 @@ class SynthEngine:
                 )
             except ConfigError as exc:
                 raise ValidationError(f"prompts: {exc}") from None
+            if request.prompt_expander:
+                self.expander_path(request.prompt_expander)
         needed = estimate_artifact_bytes(request) + self.config.min_free_bytes
         check_disk_space(self.store.root, needed)
         return plan
@@ -181,6 +184,26 @@ class SynthEngine:
         if not path.is_dir():
             raise NotFoundError(
                 f"no generator {name!r} on this service; it has: {', '.join(self.generators())}"
+            )
+        return path
+
+    def expander_path(self, name: str) -> Path:
+        """The folder of prompt expander ``name``: a text-to-text model under models_dir.
+
+        Raises:
+            ValidationError: not a plain folder name.
+            NotFoundError: no such folder, or it holds no model ``config.json``.
+        """
+        if not _GENERATOR_NAME.match(name):
+            raise ValidationError(
+                f"prompt_expander must be a folder name under models_dir (letters, digits, '.', "
+                f"'_', '-'), got {name[:80]!r}"
+            )
+        path = self.config.models_dir / name
+        if not (path / "config.json").is_file():
+            raise NotFoundError(
+                f"no prompt expander {name!r} on this service: models_dir has no folder of that "
+                "name holding a text-to-text model (config.json)"
             )
         return path
 
@@ -207,6 +230,11 @@ class SynthEngine:
             raise ValidationError(
                 "enable_safety_checker applies to text-to-image pipelines only; a "
                 "class-conditional generator has no safety checker"
+            )
+        if plan.request.prompt_expander:
+            raise ValidationError(
+                "prompt_expander applies to text-to-image pipelines only; a class-conditional "
+                "generator takes no prompts"
             )
         try:
             meta = read_labels_file(plan.path / LABELS_FILE)
@@ -334,6 +362,7 @@ class SynthEngine:
         emit(SynthProgress("load", 0, 1, f"loading generator {plan.generator!r}"))
         generator = self._generator(plan)
         generator.check_labels(plan.request.labels)
+        expander = self._load_expander(plan.request.prompt_expander)
         check()
         emit(SynthProgress("generate", 0, total, f"generating {total} images"))
         last = [0, time.perf_counter()]
@@ -354,7 +383,13 @@ class SynthEngine:
             if plan.backend == "class-conditional"
             else self.config.text_to_image_batch_size
         )
-        dataset = synthesize(generator, plan.request, batch_size=batch_size, progress=on_batch)
+        dataset = synthesize(
+            generator,
+            plan.request,
+            batch_size=batch_size,
+            expander=expander,
+            progress=on_batch,
+        )
         check()
         emit(SynthProgress("store", 0, 1, "writing the artifact"))
         path = self.store.save(dataset)
@@ -406,6 +441,22 @@ class SynthEngine:
             check()
 
         return pretrain(plan.spec, data.data, plan.settings, device=self.device, progress=progress)
+
+    def _load_expander(self, name: str) -> Seq2SeqExpander | None:
+        """The request's prompt expander (the last one loaded stays loaded); None for none.
+
+        Raises:
+            ValidationError: the folder does not hold a loadable text-to-text model.
+        """
+        if not name:
+            return None
+        path = self.expander_path(name)
+        if self._expander is None or self._expander[0] != path:
+            try:
+                self._expander = (path, Seq2SeqExpander.from_directory(path))
+            except ConfigError as exc:
+                raise ValidationError(f"prompt expander {name!r} is unusable: {exc}") from None
+        return self._expander[1]
 
     def _generator(self, plan: GeneratePlan) -> Generator:
         """The plan's generator; the last one loaded stays loaded (one model on the device)."""

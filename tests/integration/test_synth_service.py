@@ -33,6 +33,7 @@ from synth_service.config import SynthConfig
 from synth_service.generators.base import ImageSpec, ProgressCallback
 from synth_service.main import main as synth_main
 from synth_service.pretrain import stratified_split
+from synth_service.prompts import Seq2SeqExpander, build_prompts
 from synth_service.server import SynthService, start_synth_service
 
 DIGITS = [str(d) for d in range(10)]
@@ -156,6 +157,49 @@ def test_text_to_image_pipeline_from_disk_generates_end_to_end_and_regenerates(
     assert read_manifest(out) == manifest
     for shard in manifest.shards:
         assert hashlib.sha256((out / shard.file).read_bytes()).hexdigest() == shard.sha256
+
+
+def test_a_text_to_text_prompt_expander_on_the_service_writes_the_prompts(
+    start: StartSynth, pki_dir: Path, tiny_text_to_image_dir: Path, tiny_t5_dir: Path
+) -> None:
+    service = start()
+    shutil.copytree(tiny_text_to_image_dir, service.config.models_dir / "tiny-sd")
+    shutil.copytree(tiny_t5_dir, service.config.models_dir / "tiny-t5")
+    fields: dict[str, Any] = {
+        "labels": ["cat", "dog"],
+        "images_per_label": 2,
+        "in_channels": 3,
+        "image_size": 8,
+        "seed": 3,
+        "prompts_per_label": 2,
+        "guidance_min": 1.0,
+        "guidance_max": 1.0,
+    }
+    settings = GeneratorSettings(num_inference_steps=2)
+    with _client(pki_dir, service) as client:
+        client.wait_ready(10)
+        info = client.generate(
+            backend="text-to-image",
+            generator="tiny-sd",
+            request=SynthesisRequest(**fields, prompt_expander="tiny-t5"),
+            generator_settings=settings,
+        )
+        with pytest.raises(grpc.RpcError) as missing:
+            client.generate(
+                backend="text-to-image",
+                generator="tiny-sd",
+                request=SynthesisRequest(**fields, prompt_expander="t5-large"),
+                generator_settings=settings,
+            )
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no prompt expander 't5-large'" in (missing.value.details() or "")
+    manifest = read_artifact(service.engine.store.root / info.dataset_id).manifest
+    assert manifest.request.prompt_expander == "tiny-t5"
+    # exactly the prompts the expander writes for this seed, not the templates'
+    expander = Seq2SeqExpander.from_directory(tiny_t5_dir)
+    expected = build_prompts(["cat", "dog"], per_label=2, seed=3, expander=expander)
+    assert manifest.prompts == expected
+    assert manifest.prompts != build_prompts(["cat", "dog"], per_label=2, seed=3)
 
 
 def test_regenerate_fails_on_a_mismatch(
@@ -346,6 +390,12 @@ GENERATE_REFUSALS: list[tuple[str, dict[str, Any], grpc.StatusCode, str]] = [
         {"backend": "text-to-image"},
         grpc.StatusCode.INVALID_ARGUMENT,
         "not a text-to-image pipeline",
+    ),
+    (
+        "a prompt expander for a class-conditional generator",
+        {"request": {"prompt_expander": "tiny-t5"}},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "prompt_expander applies to text-to-image pipelines only",
     ),
     (
         "a safety checker for a class-conditional generator",

@@ -184,6 +184,17 @@ def test_pretrain_defaults_and_the_requests_it_makes() -> None:
     assert request.seed == 7 and request.resize_mode == "stretch"
 
 
+def test_the_prompt_expander_reaches_the_synthesis_request() -> None:
+    spec = parse_job_spec(
+        PRETRAIN.replace("generator: digits", "generator: sd-2-1\n  backend: text-to-image")
+        + "  generation: {prompt_expander: t5-commongen}\n"
+    )
+    assert spec.pretrain is not None
+    assert spec.pretrain.synthesis_request(spec.model).prompt_expander == "t5-commongen"
+    plain = parse_job_spec(PRETRAIN).pretrain
+    assert plain is not None and plain.synthesis_request(spec.model).prompt_expander == ""
+
+
 def test_pretrain_round_trips_through_the_stored_spec() -> None:
     spec = parse_job_spec(
         PRETRAIN + "  generation: {resize_mode: ink-box, seed: 3, guidance_max: 1.0}\n"
