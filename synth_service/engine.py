@@ -123,8 +123,7 @@ class SynthEngine:
             ValidationError: unknown backend, a generator folder of another backend, a label
                 the class-conditional generator does not know, guidance it cannot apply, a
                 safety checker or prompt expander asked of a class-conditional generator, bad
-                prompt settings,
-                or an image size above ``max_image_size`` (INVALID_ARGUMENT).
+                prompt settings, or an image size above ``max_image_size`` (INVALID_ARGUMENT).
             NotFoundError: no such generator or prompt expander (NOT_FOUND).
             ResourceLimitError: too many images, or not enough free disk (RESOURCE_EXHAUSTED).
         """
