@@ -37,10 +37,11 @@ import grpc
 from bench.machine import format_table, load_average, machine, median, stamp, write_result
 from bench.payload import DEFAULT_MODEL_MB, big_weights, nbytes
 from coordinator.config import CoordinatorConfig
-from coordinator.server import ENDPOINTS_FILE, start_coordinator
+from coordinator.server import start_coordinator
 from gptfl import rpc
 from gptfl.admin_client import AdminClient
 from gptfl.pki import init_pki, participant_files
+from gptfl.service_process import ENDPOINTS_FILE
 from gptfl.tls_config import TlsConfig
 from gptfl.weights import WeightMap
 from silo_agent.fleet_client import FleetClient

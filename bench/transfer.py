@@ -375,9 +375,7 @@ def step_costs(weights: WeightMap, manifest: Manifest, silos: int) -> list[dict[
     """
     crcs = chunk_crcs(weights, manifest)
     chunks = list(iter_chunks(weights, manifest, crcs=crcs))
-    wire = [
-        serde.serialize_weight_part(p) for p in serde.weight_stream_to_wire(manifest, iter(chunks))
-    ]
+    wire = [serde.serialize_part(p) for p in serde.weight_stream_to_wire(manifest, iter(chunks))]
     received = [serde.deserialize_weight_part(raw) for raw in wire[1:]]
     received_chunks = [serde.part_chunk(part) for part in received]
     expected = specs_of(weights)

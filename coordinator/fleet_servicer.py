@@ -6,7 +6,7 @@ The caller's silo id always comes from its certificate, never from a request fie
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -20,7 +20,7 @@ from gptfl.errors import StaleTaskError, ValidationError
 from gptfl.identity import caller_identity, require_role
 from gptfl.proto.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
 from gptfl.rpc import maps_errors, maps_stream_errors
-from gptfl.weights import Chunk, Manifest
+from gptfl.weights import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         with runner.admit_update(silo, header, cancel=context.cancel) as receive:
             yield fleet_pb2.UploadReply(ready=True)
             try:
-                _receive_weights(request_iterator, receive)
+                receive(*serde.split_weight_stream(request_iterator, stream="an upload"))
             except grpc.RpcError:  # the call ended: the silo went away or the round closed
                 raise StaleTaskError(
                     f"the upload of task {header.task_id} ended before it was complete"
@@ -172,24 +172,6 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         return fleet_pb2.Ack()
 
 
-def _receive_weights(
-    parts: Iterator[serde.UploadPart],
-    receive: Callable[[Manifest, Iterator[Chunk]], None],
-) -> None:
-    """Reads an admitted upload's manifest and chunks and hands them to ``receive``."""
-    second = next(parts, None)
-    if second is None or isinstance(second, Chunk) or second.WhichOneof("part") != "manifest":
-        raise ValidationError("the upload header must be followed by the manifest")
-
-    def chunks() -> Iterator[Chunk]:
-        for part in parts:
-            if serde.part_kind(part) != "chunk":
-                raise ValidationError("only chunks may follow the manifest in an upload")
-            yield serde.part_chunk(part)
-
-    receive(serde.manifest_from_pb(second.manifest), chunks())
-
-
 def add_fleet_servicer(servicer: FleetServicer, server: grpc.Server) -> None:
     """Registers the Fleet service, its two weight streams with the copy-free chunk codec.
 
@@ -199,7 +181,7 @@ def add_fleet_servicer(servicer: FleetServicer, server: grpc.Server) -> None:
     """
     table = _generated_fleet_handlers(servicer)
     table["DownloadModel"] = table["DownloadModel"]._replace(
-        response_serializer=serde.serialize_weight_part
+        response_serializer=serde.serialize_part
     )
     table["UploadUpdate"] = table["UploadUpdate"]._replace(
         request_deserializer=serde.deserialize_upload_part

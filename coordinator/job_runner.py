@@ -689,9 +689,8 @@ class JobRunner:
         with self._lock:
             final = JobState.from_json(self.state.to_json())
         final.phase, final.message = phase, message
-        weights = self._global.weights if self._global is not None else None
         try:
-            export_job(final, weights, self.runs_dir / self.job_id)
+            export_job(final, self._global, self.runs_dir / self.job_id)
         except Exception:
             log.exception("job %s: exporting the final model and report failed", self.job_id)
         # Only now does the status turn terminal: whoever sees it finds the report written.

@@ -12,11 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from coordinator.job_state import JobState
+from coordinator.tasks import ModelVersion
 from gptfl import atomic_io
-from gptfl.weights import build_manifest
 from gptfl.weights_io import save_weights
 
 SUMMARY_VERSION = 1
@@ -201,14 +199,12 @@ def render_markdown(summary: Mapping[str, Any], *, plot_name: str | None) -> str
     return "\n".join(lines) + "\n"
 
 
-def export_job(
-    state: JobState, weights: Mapping[str, torch.Tensor] | None, out_dir: Path
-) -> dict[str, Any]:
+def export_job(state: JobState, model: ModelVersion | None, out_dir: Path) -> dict[str, Any]:
     """Writes the final model (when there is one), summary.json, report.md and the plot."""
     out_dir.mkdir(parents=True, exist_ok=True)
     sha = None
-    if weights is not None:
-        sha = build_manifest(weights).sha256
+    if model is not None:
+        weights, sha = model.weights, model.manifest.sha256
         save_weights(
             out_dir / "model.safetensors",
             weights,

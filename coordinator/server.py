@@ -19,7 +19,7 @@ from gptfl import atomic_io
 from gptfl.memory import tune_allocator
 from gptfl.proto.v1 import admin_pb2_grpc
 from gptfl.rpc import Server, start_health_server, start_server
-from gptfl.service_process import start_metrics_http
+from gptfl.service_process import ENDPOINTS_FILE, start_metrics_http
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,6 @@ def start_coordinator(
     # Last: whoever waits for this file (LocalCluster, tests) finds a resumed job in place.
     _write_endpoints(config, fleet, admin, health, metrics_port)
     return Coordinator(config, jobs, registry, metrics, fleet, admin, health, metrics_port)
-
-
-ENDPOINTS_FILE = "endpoints.json"
 
 
 def _write_endpoints(

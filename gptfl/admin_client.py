@@ -14,7 +14,7 @@ from gptfl.identity import insecure_metadata
 from gptfl.pki import Identity, TlsFiles
 from gptfl.proto.v1 import admin_pb2, admin_pb2_grpc
 from gptfl.rpc import open_channel
-from gptfl.weights import PayloadReceiver, WeightMap
+from gptfl.weights import WeightMap, receive_all
 from gptfl.weights_io import save_weights
 
 RPC_TIMEOUT_S = 30.0
@@ -148,11 +148,7 @@ class AdminClient:
         parts = self._stub.DownloadModel(
             admin_pb2.AdminDownloadRequest(), timeout=3600, metadata=self._metadata
         )
-        manifest, chunks = serde.split_weight_stream(iter(parts))
-        receiver = PayloadReceiver(manifest)
-        for chunk in chunks:
-            receiver.add(chunk)
-        return receiver.finish()
+        return receive_all(*serde.split_weight_stream(iter(parts)))
 
     def download_model_to(self, path: Path) -> int:
         weights = self.download_model()

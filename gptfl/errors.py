@@ -1,7 +1,7 @@
 """The one exception hierarchy of GPT-FL.
 
 Every error a peer can cause carries the gRPC status code it maps to, so servicers translate
-domain errors to statuses in one place (:func:`grpc_status_of`) and clients show the same
+domain errors to statuses in one place (:func:`gptfl.rpc.abort`) and clients show the same
 precise message a server produced. CLIs turn :class:`GptflError` into a one-line message
 and the exit code in :data:`EXIT_CODES`.
 """
@@ -150,11 +150,6 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_UNAVAILABLE = 4
 EXIT_JOB_FAILED = 5
-
-
-def grpc_status_of(error: GptflError) -> grpc.StatusCode:
-    """The gRPC status code a domain error maps to."""
-    return error.code
 
 
 def all_reasons() -> list[str]:

@@ -167,20 +167,12 @@ class PretrainSpec(StrictModel):
 
     def synthesis_request(self, model: ModelSpec) -> SynthesisRequest:
         """The Generate request for ``model``'s input shape."""
-        generation = self.generation
         return SynthesisRequest(
             labels=list(self.labels),
             images_per_label=self.images_per_label,
             in_channels=model.in_channels,
             image_size=model.image_size,
-            resize_mode=generation.resize_mode,
-            seed=generation.seed,
-            prompts_per_label=generation.prompts_per_label,
-            prompt_overrides={k: list(v) for k, v in generation.prompt_overrides.items()},
-            guidance_min=generation.guidance_min,
-            guidance_max=generation.guidance_max,
-            guidance_step=generation.guidance_step,
-            prompt_expander=generation.prompt_expander,
+            **self.generation.model_dump(),
         )
 
 
@@ -257,8 +249,13 @@ def parse_job_spec(text: str, *, source: str = "job spec") -> JobSpec:
 
 
 def load_job_spec(path: Path) -> JobSpec:
+    return read_job_spec(path)[0]
+
+
+def read_job_spec(path: Path) -> tuple[JobSpec, str]:
+    """The validated spec in ``path`` and the text it was read from (read once)."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read job spec: {exc.strerror or exc}") from None
-    return parse_job_spec(text, source=path.name)
+    return parse_job_spec(text, source=path.name), text

@@ -24,10 +24,9 @@ import yaml
 
 from gptfl.admin_client import AdminClient
 from gptfl.pki import init_pki, participant_files
+from gptfl.service_process import ENDPOINTS_FILE
 
 log = logging.getLogger(__name__)
-
-ENDPOINTS_FILE = "endpoints.json"
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gptfl import atomic_io
 from gptfl.errors import ConfigError, PkiError
 
 logger = logging.getLogger(__name__)
@@ -370,18 +371,9 @@ def _key_pem(key: CertificateIssuerPrivateKeyTypes) -> bytes:
 
 def _write_file(path: Path, data: bytes, *, mode: int) -> None:
     """Write atomically: a reader never sees half a key or a key with loose permissions."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    tmp = Path(tmp_name)
-    try:
-        os.fchmod(fd, mode)  # before the first byte is written
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_io.atomic_path(path) as tmp:
+        os.chmod(tmp, mode)  # before the first byte is written
+        tmp.write_bytes(data)
 
 
 def _write_participant(

@@ -73,8 +73,8 @@ WeightPart = common_pb2.WeightStreamPart | Chunk
 UploadPart = fleet_pb2.UploadPart | Chunk
 
 
-def serialize_weight_part(part: common_pb2.WeightStreamPart | bytes) -> bytes:
-    """A download part on the wire; bytes are an already encoded chunk part."""
+def serialize_part(part: common_pb2.WeightStreamPart | fleet_pb2.UploadPart | bytes) -> bytes:
+    """A weight-stream part on the wire; bytes are an already encoded chunk part."""
     return part if isinstance(part, bytes) else part.SerializeToString()
 
 
@@ -83,25 +83,20 @@ def deserialize_weight_part(raw: bytes) -> WeightPart:
     return chunk if chunk is not None else common_pb2.WeightStreamPart.FromString(raw)
 
 
-def serialize_upload_part(part: fleet_pb2.UploadPart | bytes) -> bytes:
-    """An upload part on the wire; bytes are an already encoded chunk part."""
-    return part if isinstance(part, bytes) else part.SerializeToString()
-
-
 def deserialize_upload_part(raw: bytes) -> UploadPart:
     chunk = decode_chunk_part(raw, _UPLOAD_PART_CHUNK)
     return chunk if chunk is not None else fleet_pb2.UploadPart.FromString(raw)
 
 
 def encode_upload_chunk(chunk: Chunk) -> bytes:
-    """An ``UploadPart(chunk=...)`` as wire bytes, for :func:`serialize_upload_part`."""
+    """An ``UploadPart(chunk=...)`` as wire bytes, for :func:`serialize_part`."""
     return encode_chunk_part(_UPLOAD_PART_CHUNK, chunk)
 
 
 def weight_stream_to_wire(
     manifest: Manifest, chunks: Iterator[Chunk]
 ) -> Iterator[common_pb2.WeightStreamPart | bytes]:
-    """A download for :func:`serialize_weight_part`: the manifest, then each encoded chunk."""
+    """A download for :func:`serialize_part`: the manifest, then each encoded chunk."""
     yield common_pb2.WeightStreamPart(manifest=manifest_to_pb(manifest))
     for chunk in chunks:
         yield encode_chunk_part(_WEIGHT_PART_CHUNK, chunk)
@@ -139,18 +134,21 @@ def weight_stream_to_pb(
 
 
 def split_weight_stream(
-    parts: Iterator[WeightPart],
+    parts: Iterator[WeightPart] | Iterator[UploadPart], *, stream: str = "a weight stream"
 ) -> tuple[Manifest, Iterator[Chunk]]:
-    """Reads the leading manifest of a weight stream; returns it and the chunk iterator."""
+    """Reads the manifest that must come next in ``parts``; returns it and the chunk iterator.
+
+    ``stream`` names the stream in the errors (a download, or an upload after its header).
+    """
     first = next(parts, None)
     if first is None or isinstance(first, Chunk) or first.WhichOneof("part") != "manifest":
-        raise ValidationError("a weight stream must start with its manifest")
+        raise ValidationError(f"{stream}: the manifest must come next")
     manifest = manifest_from_pb(first.manifest)
 
     def chunks() -> Iterator[Chunk]:
         for part in parts:
             if part_kind(part) != "chunk":
-                raise ValidationError("only chunks may follow the manifest in a weight stream")
+                raise ValidationError(f"only chunks may follow the manifest in {stream}")
             yield part_chunk(part)
 
     return manifest, chunks()
@@ -188,18 +186,12 @@ _TASK_KINDS = {
 
 def task_to_pb(task: TaskSpec) -> fleet_pb2.Task:
     local = task.local
-    spec = task.model_spec
     return fleet_pb2.Task(
         task_id=task.task_id,
         job_id=task.job_id,
         round=task.round,
         kind=_TASK_KINDS[task.kind],
-        model=common_pb2.ModelSpec(
-            arch=spec.arch,
-            num_classes=spec.num_classes,
-            in_channels=spec.in_channels,
-            image_size=spec.image_size,
-        ),
+        model=model_spec_to_pb(task.model_spec),
         model_sha256=task.model_sha256,
         train=fleet_pb2.TrainConfig(
             local_epochs=local.epochs,
@@ -219,14 +211,9 @@ def task_from_pb(pb: fleet_pb2.Task) -> TaskSpec:
     if pb.kind not in kinds:
         raise ValidationError(f"task {pb.task_id} has an unknown kind {pb.kind}")
     try:
-        model_spec = ModelSpec(
-            arch=pb.model.arch,
-            num_classes=pb.model.num_classes,
-            in_channels=pb.model.in_channels,
-            image_size=pb.model.image_size,
-        )
-    except pydantic.ValidationError as exc:
-        raise ValidationError(f"task {pb.task_id} has an invalid model spec: {exc}") from None
+        model_spec = model_spec_from_pb(pb.model)
+    except ValidationError as exc:
+        raise ValidationError(f"task {pb.task_id}: {exc}") from None
     t = pb.train
     return TaskSpec(
         task_id=pb.task_id,

@@ -18,6 +18,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from gptfl.config_loading import load_config
 from gptfl.tls_config import TlsConfig
 
+#: what every service writes into its state folder once it listens (pid, bound ports);
+#: LocalCluster and the benches read it to find ports bound as 0
+ENDPOINTS_FILE = "endpoints.json"
+
 log = logging.getLogger(__name__)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gptfl.config_loading import StrictModel, resolve_path
-from gptfl.pki import TlsFiles
+from gptfl.pki import CA_CERT_FILE, CERT_FILE, KEY_FILE, TlsFiles
 
 
 class TlsConfig(StrictModel):
@@ -29,4 +29,4 @@ class TlsConfig(StrictModel):
     @classmethod
     def from_dir(cls, folder: Path) -> TlsConfig:
         """The layout ``gptfl pki init`` writes for each participant."""
-        return cls(ca=folder / "ca.pem", cert=folder / "cert.pem", key=folder / "key.pem")
+        return cls(ca=folder / CA_CERT_FILE, cert=folder / CERT_FILE, key=folder / KEY_FILE)

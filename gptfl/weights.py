@@ -333,10 +333,6 @@ class PayloadReceiver:
         self._received = 0
         self._next_index = 0
 
-    @property
-    def received_bytes(self) -> int:
-        return self._received
-
     def add(self, chunk: Chunk) -> None:
         """Adds the next chunk; raises on order, size or crc32 problems."""
         size = len(chunk.data)

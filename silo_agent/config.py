@@ -8,6 +8,7 @@ from typing import Literal
 import pydantic
 
 from gptfl.config_loading import StrictModel, resolve_path
+from gptfl.data.dataset import ResizeMode
 from gptfl.data.sources import DataSource, ImageFolderSource, NpzSource
 from gptfl.tls_config import TlsConfig
 
@@ -23,7 +24,7 @@ class DataConfig(StrictModel):
     eval_fraction: float = pydantic.Field(0.1, ge=0, lt=1)
     #: seed of the held-out split (fixed so the split stays the same across restarts)
     split_seed: int = 0
-    resize_mode: Literal["stretch", "center-crop", "pad"] = "stretch"
+    resize_mode: ResizeMode = "stretch"
 
 
 class ReconnectConfig(StrictModel):

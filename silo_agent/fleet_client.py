@@ -14,7 +14,7 @@ from gptfl import serde
 from gptfl.errors import ChecksumError, UnavailableError
 from gptfl.proto.v1 import fleet_pb2, fleet_pb2_grpc
 from gptfl.task import TaskSpec
-from gptfl.weights import PayloadReceiver, WeightMap, build_manifest, iter_chunks, specs_of
+from gptfl.weights import WeightMap, build_manifest, iter_chunks, receive_all, specs_of
 
 RPC_TIMEOUT_S = 30.0
 #: transfers get a deadline that grows with the payload (at least 10 MB/s assumed)
@@ -48,7 +48,7 @@ class FleetClient:
         )
         self._upload = channel.stream_stream(
             "/gptfl.v1.Fleet/UploadUpdate",
-            request_serializer=serde.serialize_upload_part,
+            request_serializer=serde.serialize_part,
             response_deserializer=fleet_pb2.UploadReply.FromString,
         )
 
@@ -92,10 +92,7 @@ class FleetClient:
         manifest, chunks = serde.split_weight_stream(iter(parts))
         if manifest.sha256 != task.model_sha256:
             raise ChecksumError("the downloaded model is not the one the task names")
-        receiver = PayloadReceiver(manifest, expected=specs_of(expected))
-        for chunk in chunks:
-            receiver.add(chunk)
-        return receiver.finish()
+        return receive_all(manifest, chunks, expected=specs_of(expected))
 
     def upload_update(
         self,

@@ -12,6 +12,7 @@ from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, GptflError, Pki
 from gptfl.logging_setup import configure_logging
 from gptfl.memory import tune_allocator
 from gptfl.service_process import (
+    ENDPOINTS_FILE,
     load_service_config,
     service_parser,
     start_metrics_http,
@@ -22,8 +23,6 @@ from silo_agent.config import ENV_PREFIX, SiloConfig
 from silo_agent.metrics import SiloMetrics
 
 log = logging.getLogger("silo_agent")
-
-ENDPOINTS_FILE = "endpoints.json"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

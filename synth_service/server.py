@@ -9,15 +9,13 @@ from dataclasses import dataclass, field
 from gptfl import atomic_io
 from gptfl.proto.v1 import synth_pb2_grpc
 from gptfl.rpc import Server, start_health_server, start_server
-from gptfl.service_process import start_metrics_http
+from gptfl.service_process import ENDPOINTS_FILE, start_metrics_http
 from synth_service.config import SynthConfig
 from synth_service.engine import SynthEngine
 from synth_service.metrics import SynthMetrics
 from synth_service.servicer import SynthServicer
 
 log = logging.getLogger(__name__)
-
-ENDPOINTS_FILE = "endpoints.json"
 
 
 @dataclass

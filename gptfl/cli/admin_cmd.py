@@ -13,7 +13,7 @@ import grpc
 
 from gptfl.admin_client import AdminClient, StatusView, describe_rpc_error
 from gptfl.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_UNAVAILABLE
-from gptfl.job_spec import load_job_spec
+from gptfl.job_spec import read_job_spec
 from gptfl.tls_config import TlsConfig
 
 DEFAULT_ADDRESS = "127.0.0.1:50052"
@@ -77,8 +77,9 @@ def _with_client(
 
 
 def _submit(client: AdminClient, args: argparse.Namespace) -> int:
-    spec = load_job_spec(args.spec)  # validate locally first: errors name the key at once
-    job_id = client.submit(args.spec.read_text())
+    # validated here first (errors name the key at once), and the same text is sent
+    spec, text = read_job_spec(args.spec)
+    job_id = client.submit(text)
     print(f"submitted job {job_id}: {spec.rounds} rounds of {spec.strategy.name}")
     return follow(client) if args.wait else EXIT_OK
 

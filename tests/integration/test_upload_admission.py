@@ -61,7 +61,7 @@ class HandDrivenUpload:
         ]
         call = channel.stream_stream(
             "/gptfl.v1.Fleet/UploadUpdate",
-            request_serializer=serde.serialize_upload_part,
+            request_serializer=serde.serialize_part,
             response_deserializer=fleet_pb2.UploadReply.FromString,
         )
         self.replies: queue.Queue[fleet_pb2.UploadReply | Exception] = queue.Queue()

@@ -12,6 +12,7 @@ import torch
 
 from coordinator.job_state import JobState, Phase, RoundRecord, SiloSummary
 from coordinator.report import export_job
+from coordinator.tasks import ModelVersion
 from gptfl.weights import build_manifest
 from gptfl.weights_io import load_weights
 
@@ -71,7 +72,7 @@ def test_summary_rounds_hold_the_documented_fields(
     tmp_path: Path, rounds: list[RoundRecord]
 ) -> None:
     weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
-    summary = export_job(_state(rounds), weights, tmp_path / "out")
+    summary = export_job(_state(rounds), ModelVersion.of(weights), tmp_path / "out")
     on_disk = _strict_json(tmp_path / "out" / "summary.json")
     assert on_disk == summary
     assert [r["round"] for r in on_disk["rounds"]] == [1, 2, 3]
@@ -134,7 +135,7 @@ def test_without_accuracy_there_is_no_plot(tmp_path: Path) -> None:
 
 def test_final_model_is_exported_with_metadata(tmp_path: Path, rounds: list[RoundRecord]) -> None:
     weights = {"w": torch.randn(3, 3), "b": torch.zeros(3, dtype=torch.float16)}
-    export_job(_state(rounds), weights, tmp_path)
+    export_job(_state(rounds), ModelVersion.of(weights), tmp_path)
     loaded, metadata = load_weights(tmp_path / "model.safetensors")
     for name, tensor in weights.items():
         assert torch.equal(loaded[name], tensor)
