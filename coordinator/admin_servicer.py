@@ -124,7 +124,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if model is None:
             raise JobStateError("there is no global model yet")
         yield from serde.weight_stream_to_pb(
-            model.manifest, iter_chunks(model.weights, model.manifest)
+            model.manifest, iter_chunks(model.weights, model.manifest, crcs=model.chunk_crcs)
         )
 
 

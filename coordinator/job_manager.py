@@ -164,8 +164,7 @@ class JobManager:
         return runner.state.phase.value
 
     def status(self) -> JobStatusView:
-        with self._lock:
-            runner = self._runner or self._last
+        runner = self.current()
         if runner is None:
             return JobStatusView("", Phase.NO_JOB.value, 0, 0, "no job submitted", None, None)
         state = runner.state

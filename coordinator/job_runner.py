@@ -79,7 +79,6 @@ class _RoundProgress:
     """Accepted updates of the round in progress."""
 
     number: int
-    tasks: list[TaskRecord]
     total: RunningSum
     loss_sum: float = 0.0
     slowest_train_s: float = 0.0
@@ -523,7 +522,7 @@ class JobRunner:
         selected = self._select(number, connected)
         assert self._global is not None
         tasks = self._make_tasks(number, TaskKind.TRAIN, selected)
-        progress = _RoundProgress(number, tasks, RunningSum(self._global.weights))
+        progress = _RoundProgress(number, RunningSum(self._global.weights))
         # The first upload's receive buffer, allocated (and its pages faulted in) while the
         # silos train rather than when their updates arrive.
         self._upload_slots.prepare(self._global.manifest.total_bytes)
@@ -544,14 +543,13 @@ class JobRunner:
             self._in_flight.end_stalled()
         with self._fold_lock:
             self._board.expire(tasks)
+        self._board.retire(tasks)  # final now; the records below are this round's own copies
         self._in_flight.end_expired(tasks)
         self._upload_slots.drop_spares()  # the round's receive buffers: no use until the next
         if self._stop.is_set():
-            self._board.retire(tasks)
             return
         accepted = progress.total.count
         if accepted < self.spec.min_silos:
-            self._board.retire(tasks)
             declined = [f"{t.silo_id}: {t.decline_reason}" for t in tasks if t.decline_reason]
             raise JobFailed(
                 f"round {number}: {accepted} of {len(tasks)} updates arrived within "
@@ -564,7 +562,6 @@ class JobRunner:
             new_weights = self._strategy.apply(self._global.weights, average)
             del average
             self._set_global(new_weights)
-        self._board.retire(tasks)
         # Server-side evaluation runs while the silos evaluate: both sit on the round's path.
         server_eval = (
             self._background.submit(self._evaluator.evaluate, new_weights)

@@ -176,9 +176,7 @@ def run_pretrain_phase(host: PhaseHost, access: SynthAccess) -> tuple[WeightMap,
         raise ValueError("the job has no pretrain section")
     try:
         return _run(host, spec, pretrain, access)
-    except JobInterrupted:
-        raise
-    except _PhaseError as exc:
+    except _PhaseError as exc:  # JobInterrupted is none of these: it passes through
         reason = str(exc)
     if pretrain.on_failure == "fail":
         raise JobFailed(f"pretrain phase failed: {reason}")
@@ -229,7 +227,7 @@ def _run(
                     generator=pretrain.generator,
                     request=request,
                     generator_settings=pretrain.generator_settings,
-                    on_progress=_GenerateProgress(host, request),
+                    on_progress=_GenerateProgress(host),
                     timeout_s=pretrain.generate_timeout_s,
                 )
                 log.info(
@@ -256,8 +254,6 @@ def _run(
                 )
             finally:
                 client.close()
-    except JobInterrupted:
-        raise
     except grpc.RpcError as exc:
         raise _PhaseError(f"{step} at {address}: {_describe_rpc_error(exc)}") from exc
     except GptflError as exc:
@@ -289,9 +285,8 @@ def _run(
 class _GenerateProgress:
     """Turns Generate's progress into the job's status line (throttled)."""
 
-    def __init__(self, host: PhaseHost, request: SynthesisRequest) -> None:
+    def __init__(self, host: PhaseHost) -> None:
         self._host = host
-        self._total = request.images_per_label * len(request.labels)
         self._last = -math.inf
         self._started = time.monotonic()
 
