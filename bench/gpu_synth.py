@@ -37,6 +37,7 @@ where there is no GPU; its figures mean nothing).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -48,6 +49,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from bench.machine import stamp, write_result
 
 #: dense (no sparsity) fp16/bf16 tensor-core peaks in TFLOP/s, from NVIDIA's datasheets
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -175,35 +178,15 @@ def sd21_text_config(*, smoke: bool, vocab_size: int) -> dict[str, Any]:
 
 def write_byte_level_vocab(folder: Path) -> int:
     """A CLIP tokenizer vocabulary without merges (every byte is a token): no download needed,
-    and prompts still fill the 77-token context the text encoder computes on."""
-    from transformers.models.clip import tokenization_clip
-
-    byte_chars: list[str] = list(_bytes_to_unicode(tokenization_clip).values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return len(tokens)
-
-
-def _bytes_to_unicode(module: Any) -> dict[int, str]:
-    found = getattr(module, "bytes_to_unicode", None)
-    if callable(found):
-        return dict(found())
-    # GPT-2's byte-to-unicode table (what CLIP uses), for versions that do not export it.
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
+    and prompts still fill the 77-token context the text encoder computes on. Written by
+    ``scripts/fetch_clip_vocab.py``'s own writer; returns the vocabulary size."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "fetch_clip_vocab.py"
+    spec = importlib.util.spec_from_file_location("_fetch_clip_vocab", path)
+    assert spec is not None and spec.loader is not None
+    fetch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch)
+    fetch.write_clip_vocab(folder, [])
+    return 2 * 256 + 2  # the byte symbols, the same with </w>, and the two special tokens
 
 
 def build_pipeline(folder: Path, *, smoke: bool, device: torch.device) -> float:
@@ -507,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.peak_tflops or (peak_for(name) if device.type == "cuda" else None)
     result: dict[str, Any] = {
         "bench": "gpu_synth",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "when": stamp(),
         "device": name,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -571,10 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"class_conditional": result["class_conditional"]}), flush=True)
 
     out_dir = args.out or Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_synth.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result("gpu_synth", result, out_dir / "gpu_synth.json")
     _print_table(result)
-    print(f"result: {out_dir / 'gpu_synth.json'}")
+    print(f"result: {path}")
     return 0
 
 

@@ -128,43 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
     )
     runs = result["runs"]
+    figures = [
+        ("generate (service)", "generate_service_s"),
+        ("generate (client wall)", "generate_client_s"),
+        ("images/s (service)", "images_per_s"),
+        ("pretrain (service)", "pretrain_service_s"),
+        ("pretrain (client wall)", "pretrain_client_s"),
+        ("synthetic val accuracy", "final_val_accuracy"),
+    ]
     rows = [
-        [
-            "generate (service)",
-            median(r["generate_service_s"] for r in runs),
-            min(r["generate_service_s"] for r in runs),
-            max(r["generate_service_s"] for r in runs),
-        ],
-        [
-            "generate (client wall)",
-            median(r["generate_client_s"] for r in runs),
-            min(r["generate_client_s"] for r in runs),
-            max(r["generate_client_s"] for r in runs),
-        ],
-        [
-            "images/s (service)",
-            median(r["images_per_s"] for r in runs),
-            min(r["images_per_s"] for r in runs),
-            max(r["images_per_s"] for r in runs),
-        ],
-        [
-            "pretrain (service)",
-            median(r["pretrain_service_s"] for r in runs),
-            min(r["pretrain_service_s"] for r in runs),
-            max(r["pretrain_service_s"] for r in runs),
-        ],
-        [
-            "pretrain (client wall)",
-            median(r["pretrain_client_s"] for r in runs),
-            min(r["pretrain_client_s"] for r in runs),
-            max(r["pretrain_client_s"] for r in runs),
-        ],
-        [
-            "synthetic val accuracy",
-            median(r["final_val_accuracy"] for r in runs),
-            min(r["final_val_accuracy"] for r in runs),
-            max(r["final_val_accuracy"] for r in runs),
-        ],
+        [name, *(stat([r[key] for r in runs]) for stat in (median, min, max))]
+        for name, key in figures
     ]
     print(format_table(["figure", "median", "min", "max"], rows))
     load = f"load {result['load_before'][0]:.2f} before, {result['load_after'][0]:.2f} after"

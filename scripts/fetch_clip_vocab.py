@@ -81,7 +81,8 @@ def write_clip_vocab(dest: Path, merges: list[str], *, max_merges: int | None = 
     dest.mkdir(parents=True, exist_ok=True)
     mapping = {token: index for index, token in enumerate(vocab)}
     (dest / "vocab.json").write_text(json.dumps(mapping, ensure_ascii=False), encoding="utf-8")
-    (dest / "merges.txt").write_text("#version: 0.2\n" + "\n".join(used) + "\n", encoding="utf-8")
+    lines = ["#version: 0.2", *used]  # no merges at all: the version line alone
+    (dest / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def ensure_clip_vocab(

@@ -360,8 +360,7 @@ class SynthEngine:
         started = time.perf_counter()
         total = plan.images
         emit(SynthProgress("load", 0, 1, f"loading generator {plan.generator!r}"))
-        generator = self._generator(plan)
-        generator.check_labels(plan.request.labels)
+        generator = self._generator(plan)  # its labels were checked by plan_generate
         expander = self._load_expander(plan.request.prompt_expander)
         check()
         emit(SynthProgress("generate", 0, total, f"generating {total} images"))

@@ -15,8 +15,6 @@ from gptfl.training import resolve_device
 from synth_service.config import ENV_PREFIX, SynthConfig
 from synth_service.server import start_synth_service
 
-log = logging.getLogger("synth_service")
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = service_parser(

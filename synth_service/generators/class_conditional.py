@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,6 @@ from synth_service.generators.base import (
     batches_by_guidance,
     hash_model_directory,
 )
-
-logger = logging.getLogger(__name__)
 
 BACKEND = "class-conditional"
 LABELS_FILE = "gptfl_labels.json"
