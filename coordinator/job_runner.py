@@ -195,8 +195,10 @@ class JobRunner:
         return self._stop.is_set()
 
     def report_pretrain(self, message: str) -> None:
-        """Status of the pretrain phase (see :mod:`coordinator.pretrain_phase`)."""
+        """Status of the pretrain phase (see :mod:`coordinator.pretrain_phase`), also logged:
+        the status shows only the latest line, the log keeps them all."""
         self._set_phase(Phase.PRETRAIN, message)
+        log.info("job %s: %s", self.job_id, message)
 
     # ---- called from gRPC threads -----------------------------------------------------
 

@@ -221,6 +221,20 @@ def test_bad_update_is_rejected_counted_and_harmless(
     with pytest.raises(grpc.RpcError) as again:
         silo.upload(task, *_plain(weights))
     assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    # The round closes on that one update: nothing of the rejected one is in the aggregate.
+    # (The good update carries the downloaded weights, so the new global model equals them.)
+    runner = coordinator.jobs.current()
+    assert runner is not None
+    deadline = time.monotonic() + 30
+    while not runner.state.rounds:
+        assert time.monotonic() < deadline, "round 1 did not close"
+        time.sleep(0.02)
+    assert runner.state.rounds[0].updates_accepted == 1
+    assert runner.state.rounds[0].updates_rejected >= 1
+    assert runner.global_model is not None
+    aggregated = runner.global_model.weights
+    for name, tensor in weights.items():
+        torch.testing.assert_close(aggregated[name], tensor, rtol=1e-6, atol=1e-6)
 
 
 def test_upload_for_another_round_or_task_is_refused(

@@ -400,7 +400,7 @@ def test_dashboard_and_alert_queries_return_data_from_a_live_job(
     assert not failures, "expressions without data:\n" + "\n".join(failures)
     synth_ids = [e["id"] for e in entries if "synth" in e["needs"]]
     assert not_run == synth_ids, (not_run, synth_ids)
-    assert len(checked) + len(evaluated) + len(not_run) == len(entries)
+    assert checked, "no dashboard or alert expression was checked for data"
     print(
         f"\njob {job_seconds:.1f}s, whole run {stopped:.1f}s; {len(checked)} expressions returned "
         f"data, {len(evaluated)} alert expressions evaluated, {len(not_run)} not run (they need "

@@ -577,7 +577,7 @@ def test_a_caller_that_stops_listening_cancels_the_work(start: StartSynth, pki_d
     while not service.engine.wait_idle(0.1):
         assert time.monotonic() < deadline, "the cancelled work kept running"
     assert _stored(service) == []
-    assert service.engine.metrics.images_generated._value.get() < 60
+    assert service.engine.metrics.images_generated._value.get() <= 30  # well before all 60
     with _client(pki_dir, service) as client:
         info = client.generate(
             backend="class-conditional",
