@@ -252,12 +252,13 @@ def raw_synthetic(seed: int, guidance: tuple[float, float], per_label: int) -> n
 
 
 def synthetic_dataset(variant: Variant, seed: int) -> ArrayDataset:
+    from synth_service.artifacts import quantize
     from synth_service.resize import fit_images
 
     raw = raw_synthetic(seed, variant.guidance, variant.images_per_label)
     x = fit_images(raw, in_channels=1, image_size=8, mode=variant.resize_mode)
     # As stored in an artifact: uint8 levels round(255 x).
-    x = np.rint(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8).astype(np.float32) / 255
+    x = quantize(x).astype(np.float32) / np.float32(255.0)
     if variant.images is not None:
         x = variant.images(x).astype(np.float32)
     y = np.repeat(np.arange(10, dtype=np.int64), variant.images_per_label)

@@ -25,7 +25,14 @@ from coordinator.aggregation import RunningSum
 from coordinator.checkpoint import Checkpoint, save_checkpoint
 from coordinator.evaluation import ServerEvaluator
 from coordinator.inflight_uploads import InFlightUploads, TrackedUpload
-from coordinator.job_state import JobState, Phase, RoundRecord, SiloSummary
+from coordinator.job_state import (
+    JobState,
+    Phase,
+    RoundRecord,
+    SiloSummary,
+    finite_or_none,
+    percent,
+)
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.report import export_job
 from coordinator.silo_registry import SiloRegistry
@@ -378,26 +385,29 @@ class JobRunner:
                 if self._stop.is_set():
                     break
                 self._run_round(number)
-            if self._suspended:
-                self._leave_suspended()
-            elif self._stop.is_set():
-                self._end(Phase.STOPPED, f"stopped: {self._stop_reason}")
+            if self._suspended or self._stop.is_set():
+                self._leave_interrupted()
             else:
                 self._end(
                     Phase.FINISHED, f"finished {self.spec.rounds} rounds{self._fallback_note()}"
                 )
         except JobInterrupted:
             # Stopped before round 0 was checkpointed: a suspended job starts over on restart.
-            if self._suspended:
-                self._leave_suspended()
-            else:
-                self._end(Phase.STOPPED, f"stopped: {self._stop_reason}")
+            self._leave_interrupted()
         except JobFailed as exc:
             log.error("job %s failed: %s", self.job_id, exc)
             self._end(Phase.FAILED, str(exc))
         except Exception as exc:  # the thread must always leave a final state behind
             log.exception("job %s crashed", self.job_id)
             self._end(Phase.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _leave_interrupted(self) -> None:
+        """A stop: suspended (the coordinator is shutting down; a restart resumes the job) or
+        stopped for good."""
+        if self._suspended:
+            self._leave_suspended()
+        else:
+            self._end(Phase.STOPPED, f"stopped: {self._stop_reason}")
 
     def _leave_suspended(self) -> None:
         self._flush_checkpoint()
@@ -421,15 +431,15 @@ class JobRunner:
             started = time.monotonic()
             result = self._evaluator.evaluate(weights)
             provenance["evaluation"] = {
-                "test_accuracy": _finite(result.accuracy),
-                "test_loss": _finite(result.loss),
+                "test_accuracy": finite_or_none(result.accuracy),
+                "test_loss": finite_or_none(result.loss),
                 "examples": result.num_examples,
             }
             log.info(
                 "job %s: initial model (%s): test accuracy %s (%.2fs)",
                 self.job_id,
                 provenance.get("kind", "?"),
-                _pct(result.accuracy),
+                percent(result.accuracy),
                 time.monotonic() - started,
             )
         with self._lock:
@@ -604,8 +614,8 @@ class JobRunner:
             record.seconds,
             accepted,
             len(tasks),
-            _pct(record.test_accuracy),
-            _pct(record.federated_accuracy),
+            percent(record.test_accuracy),
+            percent(record.federated_accuracy),
         )
 
     def _federated_evaluation(
@@ -698,11 +708,3 @@ class JobRunner:
         log.info("job %s %s: %s", self.job_id, phase.value, message)
         if self._on_end is not None:
             self._on_end(self)
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"

@@ -26,6 +26,17 @@ class Phase(enum.Enum):
         return self in (Phase.FINISHED, Phase.FAILED, Phase.STOPPED)
 
 
+def finite_or_none(value: float | None) -> float | None:
+    """``value`` when it is a finite number, else None (JSON has no NaN or infinity)."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def percent(value: float | None) -> str:
+    """``0.953`` -> ``"95.3%"``; ``"-"`` for a missing or non-finite value."""
+    finite = finite_or_none(value)
+    return "-" if finite is None else f"{100 * finite:.1f}%"
+
+
 def _clean(value: float | None) -> float | None:
     """JSON has no NaN: missing or undefined metrics are written as null."""
     if value is None or math.isnan(value):

@@ -33,6 +33,7 @@ import grpc
 from coordinator.config import CoordinatorConfig
 from coordinator.initial_model import random_initial_model
 from coordinator.job_runner import JobFailed, JobInterrupted
+from coordinator.job_state import finite_or_none, percent
 from coordinator.synth_scaler import (
     NoopSynthScaler,
     SynthScaler,
@@ -277,7 +278,7 @@ def _run(
     )
     host.report_pretrain(
         f"pretrained on {dataset.images} synthetic images: synthetic validation accuracy "
-        f"{_pct(outcome.final_val_accuracy)}"
+        f"{percent(outcome.final_val_accuracy)}"
     )
     return outcome.weights, provenance
 
@@ -322,7 +323,7 @@ class _EpochProgress:
             raise JobInterrupted("stop requested during Pretrain")
         self._host.report_pretrain(
             f"pretraining {self._arch} on {self._images} synthetic images: epoch "
-            f"{epoch.epoch}/{epoch.epochs}, synthetic val acc {_pct(epoch.val_accuracy)}"
+            f"{epoch.epoch}/{epoch.epochs}, synthetic val acc {percent(epoch.val_accuracy)}"
         )
 
 
@@ -358,14 +359,14 @@ def _provenance(
             "settings": settings.model_dump(mode="json"),
             "seconds": outcome.seconds,
             "device": outcome.device,
-            "initial_val_accuracy": _finite(outcome.initial_val_accuracy),
-            "final_val_accuracy": _finite(outcome.final_val_accuracy),
+            "initial_val_accuracy": finite_or_none(outcome.initial_val_accuracy),
+            "final_val_accuracy": finite_or_none(outcome.final_val_accuracy),
             "epochs": [
                 {
                     "epoch": e.epoch,
-                    "train_loss": _finite(e.train_loss),
-                    "val_loss": _finite(e.val_loss),
-                    "val_accuracy": _finite(e.val_accuracy),
+                    "train_loss": finite_or_none(e.train_loss),
+                    "val_loss": finite_or_none(e.val_loss),
+                    "val_accuracy": finite_or_none(e.val_accuracy),
                     "seconds": e.seconds,
                 }
                 for e in outcome.epochs
@@ -379,12 +380,3 @@ def _describe_rpc_error(exc: grpc.RpcError) -> str:
     details = exc.details() if callable(getattr(exc, "details", None)) else None
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     return f"{name}: {details or 'no details'}"
-
-
-def _finite(value: float) -> float | None:
-    """JSON has no NaN (no validation split gives NaN accuracies)."""
-    return float(value) if math.isfinite(value) else None
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%" if math.isfinite(value) else "-"

@@ -187,7 +187,7 @@ def write_artifact(dataset: SyntheticDataset, directory: Path) -> Path:
     if manifest_path.exists():
         raise ConfigError(f"{directory} already holds a synthetic dataset artifact")
     shards = _encode_shards(
-        _quantize(dataset.data.x), dataset.data.y, images_per_shard=_shard_size(dataset.manifest)
+        quantize(dataset.data.x), dataset.data.y, images_per_shard=_shard_size(dataset.manifest)
     )
     if [entry for entry, _ in shards] != dataset.manifest.shards:
         raise ChecksumError("the dataset's images do not match its manifest's shard checksums")
@@ -382,10 +382,10 @@ def _render(
     )
     index = {label: i for i, label in enumerate(request.labels)}
     labels = np.asarray([index[s.label] for s in specs], dtype=np.int64)
-    return _quantize(fitted), labels
+    return quantize(fitted), labels
 
 
-def _quantize(x: np.ndarray) -> np.ndarray:
+def quantize(x: np.ndarray) -> np.ndarray:
     """float images in [0, 1] -> uint8 levels ``round(255 * x)``."""
     levels: np.ndarray = np.rint(np.clip(x, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
     return levels
