@@ -57,8 +57,8 @@ from gptfl.weights import (
     PayloadReceiver,
     WeightMap,
     build_manifest,
-    chunk_crcs,
     iter_chunks,
+    manifest_and_crcs,
     specs_of,
 )
 from silo_agent.fleet_client import FleetClient
@@ -373,7 +373,7 @@ def step_costs(weights: WeightMap, manifest: Manifest, silos: int) -> list[dict[
     manifest. The coordinator computes a model version's chunk checksums once per round, not
     per silo. Rows in parentheses are not product steps: they split a step or compare.
     """
-    crcs = chunk_crcs(weights, manifest)
+    _, crcs = manifest_and_crcs(weights)
     chunks = list(iter_chunks(weights, manifest, crcs=crcs))
     wire = [serde.serialize_part(p) for p in serde.weight_stream_to_wire(manifest, iter(chunks))]
     received = [serde.deserialize_weight_part(raw) for raw in wire[1:]]
@@ -428,10 +428,10 @@ def step_costs(weights: WeightMap, manifest: Manifest, silos: int) -> list[dict[
         ("PayloadReceiver.finish: finiteness", 1, 1, receiver.finish),
         ("RunningSum.add", 1, 0, lambda: total.add(tensors, 1)),
         (
-            "chunk_crcs of a model version (once per round)",
+            "manifest_and_crcs of a model version: sha256 + crc32s (once per round)",
             1 / silos,
             0,
-            lambda: chunk_crcs(weights, manifest),
+            lambda: manifest_and_crcs(weights),
         ),
         (
             "(part of the above) crc32 of every chunk",

@@ -23,7 +23,7 @@ from gptfl.errors import (
 )
 from gptfl.models.spec import ModelSpec
 from gptfl.task import LocalSettings, TaskKind, TaskSpec
-from gptfl.weights import Manifest, WeightMap, build_manifest, chunk_crcs
+from gptfl.weights import Manifest, WeightMap, manifest_and_crcs
 
 
 class TaskStatus(enum.Enum):
@@ -49,8 +49,8 @@ class ModelVersion:
 
     @classmethod
     def of(cls, weights: WeightMap) -> ModelVersion:
-        manifest = build_manifest(weights)
-        return cls(weights, manifest, chunk_crcs(weights, manifest))
+        manifest, crcs = manifest_and_crcs(weights)
+        return cls(weights, manifest, crcs)
 
 
 @dataclass

@@ -12,6 +12,7 @@ This module knows nothing of protobuf; :mod:`gptfl.serde` converts to and from t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -192,7 +193,7 @@ def iter_chunks(
 
     A chunk that lies inside one tensor is a view of that tensor's memory (no copy); only a
     chunk that spans tensors or padding is joined into new bytes. ``crcs``, from an earlier
-    :func:`chunk_crcs` of the same weights, saves computing the checksums again (the
+    :func:`manifest_and_crcs` of the same weights, saves computing the checksums again (the
     coordinator sends one model version to every silo).
     """
     size = manifest.chunk_size
@@ -229,9 +230,21 @@ def iter_chunks(
         yield emit(b"".join(pending))
 
 
-def chunk_crcs(weights: Mapping[str, torch.Tensor], manifest: Manifest) -> tuple[int, ...]:
-    """The crc32 of every chunk of ``weights``' payload, in order (for :func:`iter_chunks`)."""
-    return tuple(chunk.crc32 for chunk in iter_chunks(weights, manifest))
+def manifest_and_crcs(
+    weights: Mapping[str, torch.Tensor], *, chunk_size: int = MAX_CHUNK_BYTES
+) -> tuple[Manifest, tuple[int, ...]]:
+    """:func:`build_manifest` and every chunk's crc32 (for :func:`iter_chunks`), in one pass
+    over the payload: what a sender that serves the same weights many times computes once."""
+    if not 0 < chunk_size <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_size must be in (0, {MAX_CHUNK_BYTES}], got {chunk_size}")
+    infos, total = _layout(weights)
+    layout = Manifest(tuple(infos), total, "", chunk_size)  # the digest comes from this pass
+    digest = hashlib.sha256()
+    crcs = []
+    for chunk in iter_chunks(weights, layout):
+        digest.update(chunk.data)
+        crcs.append(chunk.crc32)
+    return dataclasses.replace(layout, sha256=digest.hexdigest()), tuple(crcs)
 
 
 def check_manifest(

@@ -32,8 +32,8 @@ from gptfl.weights import (
     WeightMap,
     build_manifest,
     check_manifest,
-    chunk_crcs,
     iter_chunks,
+    manifest_and_crcs,
     receive_all,
     specs_of,
 )
@@ -465,7 +465,8 @@ def test_chunks_inside_a_tensor_are_views_not_copies() -> None:
 def test_given_checksums_are_used_and_must_fit() -> None:
     weights = _mixed()
     manifest = build_manifest(weights, chunk_size=64)
-    crcs = chunk_crcs(weights, manifest)
+    same, crcs = manifest_and_crcs(weights, chunk_size=64)
+    assert same == manifest  # one pass gives the same manifest, sha256 included
     assert [c.crc32 for c in iter_chunks(weights, manifest)] == list(crcs)
     wrong = tuple(c ^ 1 for c in crcs)
     assert [c.crc32 for c in iter_chunks(weights, manifest, crcs=wrong)] == list(wrong)
