@@ -41,7 +41,12 @@ from synth_service.artifacts import (
 )
 from synth_service.config import SynthConfig
 from synth_service.generators import BUNDLED_DIGITS_GENERATOR, Generator, load_generator
-from synth_service.generators.class_conditional import LABELS_FILE, read_labels_file
+from synth_service.generators.class_conditional import (
+    LABELS_FILE,
+    check_guidance,
+    check_known_labels,
+    read_labels_file,
+)
 from synth_service.metrics import SynthMetrics
 from synth_service.pretrain import EpochMetrics, PretrainResult, pretrain
 from synth_service.prompts import Seq2SeqExpander, build_prompts
@@ -240,21 +245,14 @@ class SynthEngine:
             meta = read_labels_file(plan.path / LABELS_FILE)
         except ConfigError as exc:
             raise ValidationError(f"generator {plan.generator!r} is unusable: {exc}") from None
-        known = set(meta["labels"]) | set(meta.get("aliases", {}))
-        unknown = [label for label in plan.request.labels if label not in known]
-        if unknown:
-            raise ValidationError(
-                f"generator {plan.generator!r} does not know label(s) "
-                f"{', '.join(repr(u) for u in unknown)}; it knows {', '.join(meta['labels'])}"
-            )
         request = plan.request
-        if meta.get("null_class") is None and (
-            request.guidance_min != 1.0 or request.guidance_max != 1.0
-        ):
-            raise ValidationError(
-                f"generator {plan.generator!r} has no null class, so it supports only guidance "
-                f"1.0; set guidance_min and guidance_max to 1.0"
-            )
+        known = set(meta["labels"]) | set(meta.get("aliases", {}))
+        check_known_labels(plan.generator, request.labels, known=known, names=meta["labels"])
+        check_guidance(
+            plan.generator,
+            (request.guidance_min, request.guidance_max),
+            null_class=meta.get("null_class") is not None,
+        )
 
     def plan_pretrain(
         self, *, dataset_id: str, spec: ModelSpec, settings: PretrainSettings

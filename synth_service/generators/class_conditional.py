@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,12 +176,7 @@ class ClassConditionalGenerator:
 
         A label is known by its name in ``gptfl_labels.json`` or one of its aliases.
         """
-        unknown = [label for label in labels if label not in self._index]
-        if unknown:
-            raise ValidationError(
-                f"generator {self._generator_id!r} does not know label(s) "
-                f"{', '.join(repr(u) for u in unknown)}; it knows {', '.join(self._labels)}"
-            )
+        check_known_labels(self._generator_id, labels, known=self._index, names=self._labels)
 
     def generate(
         self,
@@ -197,13 +192,9 @@ class ClassConditionalGenerator:
                 model without a null class; both are checked before any sampling.
         """
         self.check_labels([spec.label for spec in specs])
-        if self._null_class is None:
-            guided = sorted({s.guidance for s in specs if s.guidance != 1.0})
-            if guided:
-                raise ValidationError(
-                    f"generator {self._generator_id!r} has no null class, so it supports only "
-                    f"guidance 1.0, got {guided[:3]}"
-                )
+        check_guidance(
+            self._generator_id, [s.guidance for s in specs], null_class=self._null_class is not None
+        )
         channels, height, width = self.image_shape
         out = np.empty((len(specs), channels, height, width), dtype=np.float32)
         done = 0
@@ -246,6 +237,30 @@ class ClassConditionalGenerator:
         images = ((sample.float() - low) / (high - low)).clamp(0.0, 1.0)
         result: np.ndarray = images.cpu().numpy().astype(np.float32, copy=False)
         return result
+
+
+def check_known_labels(
+    generator_id: str, labels: Sequence[str], *, known: Collection[str], names: Sequence[str]
+) -> None:
+    """Raises ValidationError naming every label not in ``known`` (names and aliases);
+    ``names`` are the model's class names, listed in the message."""
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise ValidationError(
+            f"generator {generator_id!r} does not know label(s) "
+            f"{', '.join(repr(u) for u in unknown)}; it knows {', '.join(names)}"
+        )
+
+
+def check_guidance(generator_id: str, guidances: Iterable[float], *, null_class: bool) -> None:
+    """Raises ValidationError if guidance other than 1.0 is asked of a model without a null
+    class (classifier-free guidance needs the unconditional prediction)."""
+    guided = sorted({g for g in guidances if g != 1.0})
+    if guided and not null_class:
+        raise ValidationError(
+            f"generator {generator_id!r} has no null class, so it supports only guidance 1.0, "
+            f"got {guided[:3]}"
+        )
 
 
 def read_labels_file(path: Path) -> dict[str, Any]:
