@@ -41,7 +41,7 @@ from coordinator.server import start_coordinator
 from gptfl import rpc
 from gptfl.admin_client import AdminClient
 from gptfl.pki import init_pki, participant_files
-from gptfl.service_process import ENDPOINTS_FILE
+from gptfl.service_process import ENDPOINTS_FILE, stop_on_signals, wait_for_stop
 from gptfl.tls_config import TlsConfig
 from gptfl.weights import WeightMap
 from silo_agent.fleet_client import FleetClient
@@ -87,9 +87,7 @@ def coordinator_main(
     coordinator = start_coordinator(
         config, initial_model=lambda _runner: (loaded.pop(), {"kind": "bench-aggregate"})
     )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
-    stop.wait()
+    wait_for_stop(stop_on_signals())
     coordinator.stop(grace_s=1)
     return 0
 

@@ -10,7 +10,12 @@ from coordinator.config import ENV_PREFIX, CoordinatorConfig
 from coordinator.server import start_coordinator
 from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, GptflError, PkiError
 from gptfl.logging_setup import configure_logging
-from gptfl.service_process import load_service_config, service_parser, stop_on_signals
+from gptfl.service_process import (
+    load_service_config,
+    service_parser,
+    stop_on_signals,
+    wait_for_stop,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # RuntimeError: grpcio reports an address already in use this way.
         print(f"gptfl-coordinator: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    stop_on_signals().wait()
+    wait_for_stop(stop_on_signals())
     coordinator.stop()
     return EXIT_OK
 

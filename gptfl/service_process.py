@@ -74,8 +74,16 @@ def start_metrics_http(address: str, registry: CollectorRegistry) -> int | None:
     return bound
 
 
+#: how often a main thread waiting for a stop signal wakes to let Python run signal handlers
+SIGNAL_POLL_S = 0.5
+
+
 def stop_on_signals() -> threading.Event:
-    """An event set by the first SIGTERM or SIGINT (install from the main thread)."""
+    """An event set by the first SIGTERM or SIGINT (install from the main thread).
+
+    Wait for it with :func:`wait_for_stop`, or in a loop with timeouts, never with a bare
+    ``wait()``.
+    """
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -85,3 +93,16 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     return stop
+
+
+def wait_for_stop(stop: threading.Event) -> None:
+    """Blocks until ``stop`` is set, waking every :data:`SIGNAL_POLL_S` seconds.
+
+    The kernel may deliver SIGTERM to any thread of the process (gRPC's, torch's). Python then
+    only runs the handler once the main thread executes bytecode again, and a main thread
+    blocked in a plain ``Event.wait()`` never does: the process ignores the signal until it
+    is killed. That hang was seen in CI and is reproduced in
+    tests/unit/gptfl/test_service_process.py.
+    """
+    while not stop.wait(SIGNAL_POLL_S):
+        pass

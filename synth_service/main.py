@@ -10,7 +10,12 @@ import torch
 
 from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, GptflError, PkiError
 from gptfl.logging_setup import configure_logging
-from gptfl.service_process import load_service_config, service_parser, stop_on_signals
+from gptfl.service_process import (
+    load_service_config,
+    service_parser,
+    stop_on_signals,
+    wait_for_stop,
+)
 from gptfl.training import resolve_device
 from synth_service.config import ENV_PREFIX, SynthConfig
 from synth_service.server import start_synth_service
@@ -41,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # RuntimeError: grpcio reports an address already in use this way.
         print(f"gptfl-synth: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    stop_on_signals().wait()
+    wait_for_stop(stop_on_signals())
     service.stop()
     return EXIT_OK
 
