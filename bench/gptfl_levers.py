@@ -47,7 +47,7 @@ from bench.machine import RESULTS_DIR, load_average, machine, stamp
 from coordinator.aggregation import RunningSum
 from coordinator.strategies import build_strategy
 from gptfl import atomic_io
-from gptfl.cli.demo_cmd import digits_silos
+from gptfl.cli.demo_cmd import digits_pretrain_section, digits_silos
 from gptfl.data.dataset import ArrayDataset
 from gptfl.data.partition import split_fraction
 from gptfl.data.sources import SklearnDigitsSource, load_source
@@ -61,18 +61,8 @@ CPU = torch.device("cpu")
 MODEL = ModelSpec(arch="cnn-small", num_classes=10, in_channels=1, image_size=8)
 CACHE_DIR = Path(".cache") / "gptfl-levers"
 DEFAULT_OUT = RESULTS_DIR / "gptfl_levers.json"
-#: the demo's pretraining (``digits_pretrain_section``)
-DEMO_PRETRAIN: dict[str, Any] = {
-    "epochs": 30,
-    "batch_size": 64,
-    "optimizer": "sgd",
-    "learning_rate": 0.05,
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "schedule": "cosine",
-    "max_shift": 1,
-    "val_fraction": 0.1,
-}
+#: the demo's pretraining settings (``digits_pretrain_section`` with the demo's defaults)
+DEMO_PRETRAIN: dict[str, Any] = digits_pretrain_section(images_per_label=200, epochs=30)["training"]
 
 Transform = Callable[[WeightMap, int], WeightMap]
 ImageTransform = Callable[[np.ndarray], np.ndarray]

@@ -8,13 +8,12 @@ from collections.abc import Sequence
 
 from coordinator.config import ENV_PREFIX, CoordinatorConfig
 from coordinator.server import start_coordinator
-from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, GptflError, PkiError
+from gptfl.errors import EXIT_CONFIG, ConfigError, PkiError
 from gptfl.logging_setup import configure_logging
 from gptfl.service_process import (
     load_service_config,
+    serve_until_signal,
     service_parser,
-    stop_on_signals,
-    wait_for_stop,
 )
 
 
@@ -34,15 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         name="coordinator",
     )
-    try:
-        coordinator = start_coordinator(config)
-    except (GptflError, OSError, RuntimeError) as exc:
-        # RuntimeError: grpcio reports an address already in use this way.
-        print(f"gptfl-coordinator: cannot start: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    wait_for_stop(stop_on_signals())
-    coordinator.stop()
-    return EXIT_OK
+    return serve_until_signal("gptfl-coordinator", lambda: start_coordinator(config))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Protocol, TypeVar
@@ -16,6 +18,7 @@ from typing import Protocol, TypeVar
 from prometheus_client import CollectorRegistry, start_http_server
 
 from gptfl.config_loading import load_config
+from gptfl.errors import EXIT_FAILURE, EXIT_OK, GptflError
 from gptfl.tls_config import TlsConfig
 
 #: what every service writes into its state folder once it listens (pid, bound ports);
@@ -31,6 +34,10 @@ class _ServiceConfig(Protocol):
 
 
 C = TypeVar("C", bound=_ServiceConfig)
+
+
+class _Stoppable(Protocol):
+    def stop(self, grace_s: float | None = None) -> None: ...
 
 
 def service_parser(*, prog: str, description: str, config_name: str) -> argparse.ArgumentParser:
@@ -106,3 +113,20 @@ def wait_for_stop(stop: threading.Event) -> None:
     """
     while not stop.wait(SIGNAL_POLL_S):
         pass
+
+
+def serve_until_signal(prog: str, start: Callable[[], _Stoppable]) -> int:
+    """Starts a service, runs it until SIGTERM/SIGINT, stops it; returns the exit code.
+
+    A service that cannot start (its port is taken, its state folder unwritable) gets a
+    one-line message on stderr and :data:`~gptfl.errors.EXIT_FAILURE`.
+    """
+    try:
+        service = start()
+    except (GptflError, OSError, RuntimeError) as exc:
+        # RuntimeError: grpcio reports an address already in use this way.
+        print(f"{prog}: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    wait_for_stop(stop_on_signals())
+    service.stop()
+    return EXIT_OK

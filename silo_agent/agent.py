@@ -31,6 +31,7 @@ from silo_agent.config import SiloConfig
 from silo_agent.fleet_client import FleetClient
 from silo_agent.local_data import LocalData, LocalSplits
 from silo_agent.metrics import SiloMetrics
+from silo_agent.upload_retry import upload_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ _TERMINAL = {
     fleet_pb2.JOB_PHASE_STOPPED,
 }
 _FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
-UPLOAD_ATTEMPTS = 3
 
 
 class FatalAgentError(Exception):
@@ -268,18 +268,14 @@ class SiloAgent:
         metrics: Mapping[str, float],
         seconds: float,
     ) -> None:
-        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
-            try:
-                _, nbytes = client.upload_update(
-                    task, weights, num_examples=num_examples, metrics=metrics, train_seconds=seconds
-                )
-                self.metrics.bytes_sent.inc(nbytes)
-                return
-            except grpc.RpcError as exc:
-                # DATA_LOSS means the bytes were damaged on the way: sending again can help.
-                if exc.code() != grpc.StatusCode.DATA_LOSS or attempt == UPLOAD_ATTEMPTS:
-                    raise
-                log.warning("upload of task %s damaged in transit; retrying", task.task_id)
+        _, nbytes = upload_with_retries(
+            lambda: client.upload_update(
+                task, weights, num_examples=num_examples, metrics=metrics, train_seconds=seconds
+            ),
+            task_id=task.task_id,
+            deadline_unix=task.deadline_unix,
+        )
+        self.metrics.bytes_sent.inc(nbytes)
 
     def _evaluate(self, client: FleetClient, task: TaskSpec) -> None:
         splits = self._splits(client, task)

@@ -8,13 +8,12 @@ from collections.abc import Sequence
 
 import torch
 
-from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, GptflError, PkiError
+from gptfl.errors import EXIT_CONFIG, ConfigError, PkiError
 from gptfl.logging_setup import configure_logging
 from gptfl.service_process import (
     load_service_config,
+    serve_until_signal,
     service_parser,
-    stop_on_signals,
-    wait_for_stop,
 )
 from gptfl.training import resolve_device
 from synth_service.config import ENV_PREFIX, SynthConfig
@@ -40,15 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    try:
-        service = start_synth_service(config)
-    except (GptflError, OSError, RuntimeError) as exc:
-        # RuntimeError: grpcio reports an address already in use this way.
-        print(f"gptfl-synth: cannot start: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    wait_for_stop(stop_on_signals())
-    service.stop()
-    return EXIT_OK
+    return serve_until_signal("gptfl-synth", lambda: start_synth_service(config))
 
 
 if __name__ == "__main__":
