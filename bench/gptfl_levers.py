@@ -85,6 +85,12 @@ class FlSettings:
     hold_out: float | None = None
     #: inputs standardised with the pooled training mean and std (silos and test set alike)
     standardize: bool = False
+    #: inputs multiplied by this (silos and test set alike); 16: the digits' raw 0-16 values
+    input_scale: float = 1.0
+    #: the silos' local SGD momentum
+    momentum: float = 0.0
+    #: ``"dirichlet"``: the demo's split; ``"balanced"``: :func:`balanced_dirichlet_parts`
+    partition: str = "dirichlet"
 
 
 @dataclass(frozen=True)
@@ -201,6 +207,28 @@ VARIANTS: dict[str, Variant] = {
         pretrained=False,
         fl=FlSettings(standardize=True),
     ),
+    "scratch-raw-inputs": Variant(
+        "FL from scratch on the digits' raw 0-16 values instead of [0, 1]",
+        pretrained=False,
+        fl=FlSettings(input_scale=16.0),
+    ),
+    "scratch-lr0.1": Variant(
+        "FL from scratch with silo learning rate 0.1",
+        pretrained=False,
+        fl=FlSettings(learning_rate=0.1),
+    ),
+    "scratch-momentum": Variant(
+        "FL from scratch with silo SGD momentum 0.9", pretrained=False, fl=FlSettings(momentum=0.9)
+    ),
+    "scratch-balanced-partition": Variant(
+        "FL from scratch on FedML's capped Dirichlet split",
+        pretrained=False,
+        fl=FlSettings(partition="balanced"),
+    ),
+    "gptfl-balanced-partition": Variant(
+        "the demo's GPT-FL run on FedML's capped Dirichlet split",
+        fl=FlSettings(partition="balanced"),
+    ),
     "gptfl-60": Variant("the demo's GPT-FL run for 60 rounds", fl=FlSettings(rounds=60)),
     "scratch-60": Variant(
         "FL from scratch for 60 rounds", pretrained=False, fl=FlSettings(rounds=60)
@@ -269,16 +297,66 @@ def initial_model(variant: Variant, seed: int) -> tuple[WeightMap, float | None]
     return weights, result.final_val_accuracy
 
 
+def balanced_dirichlet_parts(
+    labels: np.ndarray, *, count: int, alpha: float, seed: int
+) -> list[np.ndarray]:
+    """FedML's Dirichlet split (the code base of the GPT-FL paper), for comparison only.
+
+    Like :func:`gptfl.data.partition.dirichlet_partition`, but a part that already holds
+    ``len(labels) / count`` examples gets nothing of the classes that follow, and draws repeat
+    until every part holds at least 10: parts of more even size.
+    """
+    rng = np.random.default_rng(seed)
+    fair_share = labels.shape[0] / count
+    while True:
+        parts: list[list[int]] = [[] for _ in range(count)]
+        for cls in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == cls))
+            weights = rng.dirichlet(np.full(count, alpha))
+            weights = np.array(
+                [w * (len(p) < fair_share) for w, p in zip(weights, parts, strict=True)]
+            )
+            cuts = (np.cumsum(weights / weights.sum()) * members.size).astype(np.int64)[:-1]
+            for part, chunk in zip(parts, np.split(members, cuts), strict=True):
+                part.extend(chunk.tolist())
+        if min(len(p) for p in parts) >= 10:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _silo_parts(fl: FlSettings, seed: int) -> list[tuple[str, ArrayDataset, float]]:
+    """Each silo's id, part of the train split and held-out fraction (the demo's by default)."""
+    plans = digits_silos(count=fl.silos, alpha=fl.alpha, seed=seed)
+    if fl.partition == "dirichlet":
+        return [
+            (
+                plan.silo_id,
+                load_source(
+                    SklearnDigitsSource.model_validate(plan.data["train"]),
+                    in_channels=1,
+                    image_size=8,
+                ),
+                plan.data["eval_fraction"],
+            )
+            for plan in plans
+        ]
+    train = load_source(
+        SklearnDigitsSource(kind="sklearn-digits", split="train"), in_channels=1, image_size=8
+    )
+    parts = balanced_dirichlet_parts(np.asarray(train.y), count=fl.silos, alpha=fl.alpha, seed=seed)
+    return [
+        (plan.silo_id, train.subset(part), plan.data["eval_fraction"])
+        for plan, part in zip(plans, parts, strict=True)
+    ]
+
+
 def silo_data(fl: FlSettings, seed: int) -> list[tuple[str, ArrayDataset]]:
     out = []
-    for plan in digits_silos(count=fl.silos, alpha=fl.alpha, seed=seed):
-        source = SklearnDigitsSource.model_validate(plan.data["train"])
-        data = load_source(source, in_channels=1, image_size=8)
-        hold_out = plan.data["eval_fraction"] if fl.hold_out is None else fl.hold_out
+    for silo_id, data, eval_fraction in _silo_parts(fl, seed):
+        hold_out = eval_fraction if fl.hold_out is None else fl.hold_out
         if hold_out:
             kept, _held = split_fraction(len(data), fraction=hold_out, seed=0)
             data = data.subset(kept)
-        out.append((plan.silo_id, data))
+        out.append((silo_id, data))
     return out
 
 
@@ -294,6 +372,15 @@ def standardized(
     return [(s, scale(d)) for s, d in silos], scale(test)
 
 
+def scaled(
+    silos: list[tuple[str, ArrayDataset]], test: ArrayDataset, factor: float
+) -> tuple[list[tuple[str, ArrayDataset]], ArrayDataset]:
+    def scale(d: ArrayDataset) -> ArrayDataset:
+        return ArrayDataset(x=(np.asarray(d.x) * factor).astype(np.float32), y=d.y)
+
+    return [(s, scale(d)) for s, d in silos], scale(test)
+
+
 def test_accuracy(weights: WeightMap, test: ArrayDataset) -> float:
     model = build_model(MODEL)
     model.load_state_dict(weights)
@@ -305,6 +392,8 @@ def federate(start: WeightMap, fl: FlSettings, seed: int, test: ArrayDataset) ->
     silos = silo_data(fl, seed)
     if fl.standardize:
         silos, test = standardized(silos, test)
+    if fl.input_scale != 1.0:
+        silos, test = scaled(silos, test, fl.input_scale)
     strategy = build_strategy(fl.strategy)
     weights = {k: v.clone() for k, v in start.items()}
     model = build_model(MODEL)
@@ -318,6 +407,7 @@ def federate(start: WeightMap, fl: FlSettings, seed: int, test: ArrayDataset) ->
                 epochs=fl.epochs,
                 batch_size=fl.batch_size,
                 learning_rate=lr,
+                momentum=fl.momentum,
                 seed=zlib.crc32(f"{seed}:{number}:{silo_id}".encode()) & 0x7FFFFFFF,
             )
             result = train_local(model, data, settings, device=CPU)
