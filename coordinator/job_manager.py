@@ -102,7 +102,8 @@ class JobManager:
         self._lock = threading.Lock()
         self._runner: JobRunner | None = None
         self._last: JobRunner | None = None
-        state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_io.ensure_writable_dir(state_dir, key="state_dir")
+        atomic_io.ensure_writable_dir(runs_dir, key="runs_dir")  # written when a job ends
 
     # ---- admin operations ---------------------------------------------------------------
 

@@ -346,6 +346,7 @@ class JobRunner:
                 summary = self.state.silos.setdefault(task.silo_id, SiloSummary())
                 summary.rounds_participated += 1
                 summary.examples += header.num_examples
+                summary.last_round = task.round
             return True
 
     def receive_evaluation(self, silo_id: str, result: EvaluationResult) -> None:
@@ -377,10 +378,13 @@ class JobRunner:
 
     def _run(self) -> None:
         try:
+            self._metrics.total_rounds.set(self.spec.rounds)
+            self._metrics.begin_job(
+                current_round=self.state.round, silo_last_rounds=self._silo_last_rounds()
+            )
             if self._global is None:
                 self._initialise()
             self._set_phase(Phase.FEDERATING, self.state.message or "waiting for silos")
-            self._metrics.total_rounds.set(self.spec.rounds)
             for number in range(self.state.round + 1, self.spec.rounds + 1):
                 if self._stop.is_set():
                     break
@@ -400,6 +404,10 @@ class JobRunner:
         except Exception as exc:  # the thread must always leave a final state behind
             log.exception("job %s crashed", self.job_id)
             self._end(Phase.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _silo_last_rounds(self) -> dict[str, int]:
+        with self._lock:
+            return {silo: summary.last_round for silo, summary in self.state.silos.items()}
 
     def _leave_interrupted(self) -> None:
         """A stop: suspended (the coordinator is shutting down; a restart resumes the job) or
@@ -538,6 +546,7 @@ class JobRunner:
         # The first upload's receive buffer, allocated (and its pages faulted in) while the
         # silos train rather than when their updates arrive.
         self._upload_slots.prepare(self._global.manifest.total_bytes)
+        last_rounds = self._silo_last_rounds()
         with self._lock:
             self._round = progress
             self.state.round = number
@@ -545,6 +554,8 @@ class JobRunner:
                 f"round {number}: training on {len(selected)} silos{self._fallback_note()}"
             )
         self._metrics.current_round.set(number)
+        for silo in selected:  # a silo that never reports shows as behind, not as missing
+            self._metrics.silo_last_round.labels(silo=silo).set(last_rounds.get(silo, 0))
         self._board.publish(tasks)
         deadline = time.monotonic() + self.spec.round_deadline_s
         while True:  # wake every second to end uploads that stall

@@ -75,6 +75,8 @@ class SiloSummary:
     rounds_participated: int = 0
     examples: int = 0
     updates_rejected: int = 0
+    #: the last round whose update from this silo was accepted (0: none yet)
+    last_round: int = 0
 
 
 @dataclass

@@ -8,6 +8,7 @@ several coordinators in one process never collide.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -50,6 +51,18 @@ class CoordinatorMetrics:
         for phase in Phase:
             metrics.job_phase.labels(phase=phase.value).set(1 if phase is Phase.NO_JOB else 0)
         return metrics
+
+    def begin_job(self, *, current_round: int, silo_last_rounds: Mapping[str, int]) -> None:
+        """A job starts or resumes: the per-job gauges show this job, not the one before.
+
+        Per-silo rounds of an earlier job would make a silo that is absent from this one look
+        ahead of it (a negative lag that keeps ``GptflSiloAbsent`` quiet); a resumed job
+        brings back what its state recorded, which a restart would otherwise lose.
+        """
+        self.current_round.set(current_round)
+        self.silo_last_round.clear()
+        for silo, last_round in silo_last_rounds.items():
+            self.silo_last_round.labels(silo=silo).set(last_round)
 
     @classmethod
     def _build(cls, reg: CollectorRegistry) -> CoordinatorMetrics:

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gptfl.errors import ConfigError
+
 
 def fsync_dir(path: Path) -> None:
     """Makes a rename inside ``path`` durable."""
@@ -51,3 +53,20 @@ def write_text(target: Path, text: str) -> None:
 
 def write_json(target: Path, value: Any) -> None:
     write_text(target, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def ensure_writable_dir(path: Path, *, key: str) -> None:
+    """Creates the folder ``path`` if needed and proves that a file can be written in it.
+
+    Services call this at start for every folder they will write, so that a read-only or
+    misplaced folder fails the start, not a job hours later.
+
+    Raises:
+        ConfigError: naming the config ``key``, the folder and the reason.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot write to {path}: {exc.strerror or exc}") from exc

@@ -18,7 +18,7 @@ from typing import Protocol, TypeVar
 from prometheus_client import CollectorRegistry, start_http_server
 
 from gptfl.config_loading import load_config
-from gptfl.errors import EXIT_FAILURE, EXIT_OK, GptflError
+from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, GptflError
 from gptfl.tls_config import TlsConfig
 
 #: what every service writes into its state folder once it listens (pid, bound ports);
@@ -118,15 +118,16 @@ def wait_for_stop(stop: threading.Event) -> None:
 def serve_until_signal(prog: str, start: Callable[[], _Stoppable]) -> int:
     """Starts a service, runs it until SIGTERM/SIGINT, stops it; returns the exit code.
 
-    A service that cannot start (its port is taken, its state folder unwritable) gets a
-    one-line message on stderr and :data:`~gptfl.errors.EXIT_FAILURE`.
+    A service that cannot start gets a one-line message on stderr and
+    :data:`~gptfl.errors.EXIT_CONFIG` when its config is to blame (a folder it cannot
+    write), else :data:`~gptfl.errors.EXIT_FAILURE` (its port is taken).
     """
     try:
         service = start()
     except (GptflError, OSError, RuntimeError) as exc:
         # RuntimeError: grpcio reports an address already in use this way.
         print(f"{prog}: cannot start: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
     wait_for_stop(stop_on_signals())
     service.stop()
     return EXIT_OK

@@ -146,3 +146,26 @@ def test_bad_config_fails_at_start_with_one_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert key in lines[0], lines[0]
+
+
+def test_an_unwritable_runs_dir_fails_the_coordinator_at_start(tmp_path: Path) -> None:
+    """Not at the end of the first job, when the report is written."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a folder cannot be made below a file, even by root
+    config = tmp_path / "coordinator.yaml"
+    config.write_text(
+        "insecure: true\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        f"runs_dir: {blocker / 'runs'}\n"
+        "fleet_address: 127.0.0.1:0\nadmin_address: 127.0.0.1:0\n"
+        "health_address: ''\nmetrics_address: ''\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "coordinator.main", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "runs_dir" in lines[0] and str(blocker) in lines[0], result.stderr

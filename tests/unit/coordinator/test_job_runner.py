@@ -769,3 +769,44 @@ def test_a_restart_after_round_0_keeps_the_pretrained_model(coord: Coordinator) 
     )
     assert_equal(global_weights(second), pretrained)
     assert second.state.initialisation == {"kind": "pretrain"}
+
+
+# ---- per-job metrics -------------------------------------------------------------------------
+
+
+def _gauge(coord: Coordinator, name: str, **labels: str) -> float | None:
+    return coord.metrics.registry.get_sample_value(name, labels)
+
+
+def test_per_silo_round_gauges_start_afresh_with_each_job(coord: Coordinator) -> None:
+    first = coord.runner(_spec(rounds=2), job_id="first")
+    _train_round(first, 1)
+    _train_round(first, 2)
+    finish(first, Phase.FINISHED)
+    assert _gauge(coord, "gptfl_silo_last_round", silo="a") == 2
+
+    second = coord.runner(_spec(rounds=2), job_id="second")
+    pull(second, "a")  # round 1 of the new job is open
+    assert _gauge(coord, "gptfl_current_round") == 1
+    # not 2 from the job before (which would read as "ahead" and hide an absent silo)
+    assert _gauge(coord, "gptfl_silo_last_round", silo="a") == 0
+    assert _gauge(coord, "gptfl_silo_last_round", silo="b") == 0
+
+
+def test_a_resumed_job_restores_the_per_silo_rounds(coord: Coordinator) -> None:
+    spec = _spec(rounds=3)
+    first = coord.runner(spec, job_id="resumed")
+    _train_round(first, 1)
+    pull(first, "a")  # round 2 is out, so round 1's checkpoint is written
+    first.suspend()
+    first.join(WAIT)
+    checkpoint = load_latest(coord.tmp / "jobs" / "resumed" / "checkpoints")
+    assert checkpoint is not None and checkpoint.round == 1
+
+    coord.board = TaskBoard()  # a restarted coordinator: empty board, fresh metrics
+    coord.metrics = CoordinatorMetrics.create()
+    second = coord.runner(spec, job_id="resumed", resume_from=checkpoint)
+    pull(second, "a")  # round 2 is open again
+    assert _gauge(coord, "gptfl_current_round") == 2
+    assert _gauge(coord, "gptfl_silo_last_round", silo="a") == 1
+    assert _gauge(coord, "gptfl_silo_last_round", silo="b") == 1
