@@ -7,6 +7,7 @@ from typing import Literal
 
 import pydantic
 
+from gptfl.addresses import DialAddress, ListenAddress, OptionalListenAddress
 from gptfl.config_loading import StrictModel, resolve_path
 from gptfl.tls_config import TlsConfig
 
@@ -16,7 +17,7 @@ ENV_PREFIX = "GPTFL_COORDINATOR"
 class SynthClientConfig(StrictModel):
     """Where the synth service is (used by jobs with a ``pretrain`` section)."""
 
-    address: str
+    address: DialAddress
     server_name: str | None = None
 
 
@@ -30,10 +31,10 @@ class KubernetesConfig(StrictModel):
 
 
 class CoordinatorConfig(StrictModel):
-    fleet_address: str = "0.0.0.0:50051"
-    admin_address: str = "0.0.0.0:50052"
-    health_address: str = ""
-    metrics_address: str = ""
+    fleet_address: ListenAddress = "0.0.0.0:50051"
+    admin_address: ListenAddress = "0.0.0.0:50052"
+    health_address: OptionalListenAddress = ""
+    metrics_address: OptionalListenAddress = ""
     tls: TlsConfig | None = None
     insecure: bool = False
     state_dir: Path = Path("coordinator-state")

@@ -438,19 +438,31 @@ def load_ca(pki_dir: Path) -> tuple[x509.Certificate, CertificateIssuerPrivateKe
     ca_dir = Path(pki_dir) / CA_DIR
     cert = load_certificate(ca_dir / CA_CERT_FILE)
     key_path = ca_dir / CA_KEY_FILE
-    try:
-        key = serialization.load_pem_private_key(_read_file(key_path), password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise PkiError(f"{key_path}: not an unencrypted PEM private key") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise PkiError(f"{key_path}: unsupported CA key type {type(key).__name__}")
-    if key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
+    key = load_private_key(key_path)
+    if not key_matches(key, cert):
         raise PkiError(f"{key_path}: does not match {ca_dir / CA_CERT_FILE}")
     return cert, key
+
+
+def load_private_key(path: Path) -> CertificateIssuerPrivateKeyTypes:
+    """Read an unencrypted PEM private key (EC or RSA).
+
+    Raises:
+        PkiError: the file is missing, unreadable, encrypted, or not such a key.
+    """
+    try:
+        key = serialization.load_pem_private_key(_read_file(Path(path)), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise PkiError(f"{path}: not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise PkiError(f"{path}: unsupported key type {type(key).__name__}")
+    return key
+
+
+def key_matches(key: CertificateIssuerPrivateKeyTypes, cert: x509.Certificate) -> bool:
+    """Whether ``key`` is the private half of ``cert``'s public key."""
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
 
 
 # --------------------------------------------------------------------------- provisioning

@@ -7,6 +7,7 @@ from typing import Literal
 
 import pydantic
 
+from gptfl.addresses import DialAddress, OptionalListenAddress
 from gptfl.config_loading import StrictModel, resolve_path
 from gptfl.data.dataset import ResizeMode
 from gptfl.data.sources import DataSource, ImageFolderSource, NpzSource
@@ -33,7 +34,7 @@ class ReconnectConfig(StrictModel):
 
 
 class SiloConfig(StrictModel):
-    coordinator: str
+    coordinator: DialAddress
     #: TLS name to expect in the coordinator's certificate when it differs from the address
     server_name: str | None = None
     tls: TlsConfig | None = None
@@ -43,7 +44,7 @@ class SiloConfig(StrictModel):
     state_dir: Path = Path("silo-state")
     data: DataConfig
     device: str = "auto"
-    metrics_address: str = ""
+    metrics_address: OptionalListenAddress = ""
     exit_after_job: bool = False
     #: long-poll length of PullTask
     poll_wait_s: float = pydantic.Field(20.0, gt=0, le=60)

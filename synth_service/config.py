@@ -7,6 +7,7 @@ from typing import Literal
 
 import pydantic
 
+from gptfl.addresses import ListenAddress, OptionalListenAddress
 from gptfl.config_loading import StrictModel, resolve_path
 from gptfl.tls_config import TlsConfig
 
@@ -17,11 +18,11 @@ class SynthConfig(StrictModel):
     """Listen addresses, identity, folders, device and limits of the synth service."""
 
     #: the mutual-TLS gRPC API (Generate, Pretrain, health)
-    address: str = "0.0.0.0:50061"
+    address: ListenAddress = "0.0.0.0:50061"
     #: a plaintext gRPC port with only the health service (kubelet probes); "" = none
-    health_address: str = ""
+    health_address: OptionalListenAddress = ""
     #: Prometheus /metrics as host:port; "" = none
-    metrics_address: str = ""
+    metrics_address: OptionalListenAddress = ""
     tls: TlsConfig | None = None
     #: plaintext without client certificates; callers name themselves (development only)
     insecure: bool = False

@@ -125,7 +125,7 @@ def test_foreign_ca_and_wrong_roles_are_refused(
         ("coordinator.main", "insecure: true\nheartbeat_interval_s: -1\n", "heartbeat_interval_s"),
         (
             "silo_agent.main",
-            "coordinator: x\ninsecure: true\nsilo_id: a\ndata: {train: "
+            "coordinator: x:1\ninsecure: true\nsilo_id: a\ndata: {train: "
             "{kind: npz, path: x.npz, colour: red}}\n",
             "data.train.colour",
         ),

@@ -280,3 +280,32 @@ def test_configs_are_immutable(tmp_path: Path) -> None:
     config = load_config(CoordinatorConfig, _write(tmp_path, COORDINATOR_YAML))
     with pytest.raises(Exception, match="frozen"):
         config.state_dir = Path("/elsewhere")  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        # no port: gRPC would dial 443 for ever
+        pytest.param(
+            "coordinator: coord.example:50051", "coordinator: coord.example", "coordinator"
+        ),
+        pytest.param(
+            "coordinator: coord.example:50051", "coordinator: coord.example:x", "coordinator"
+        ),
+        pytest.param("coordinator: coord.example:50051", "coordinator: ':50051'", "coordinator"),
+        pytest.param("coordinator: coord.example:50051", "coordinator: h:0", "coordinator"),
+        pytest.param("state_dir: state", "metrics_address: bogus", "metrics_address"),
+        pytest.param("state_dir: state", "metrics_address: '127.0.0.1:99999'", "metrics_address"),
+    ],
+)
+def test_bad_addresses_are_named(tmp_path: Path, old: str, new: str, key: str) -> None:
+    assert old in SILO_YAML
+    message = _error(SiloConfig, _write(tmp_path, SILO_YAML.replace(old, new)))
+    assert message.startswith(f"config.yaml: {key}: expected host:port"), message
+
+
+@pytest.mark.parametrize("address", ["", ":9100", "0.0.0.0:0", "[::]:9100", "127.0.0.1:65535"])
+def test_good_listen_addresses_pass(tmp_path: Path, address: str) -> None:
+    text = SILO_YAML + f"metrics_address: '{address}'\n"
+    config = load_config(SiloConfig, _write(tmp_path, text), env_prefix="GPTFL_TEST")
+    assert config.metrics_address == address
