@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from coordinator.config import ENV_PREFIX, CoordinatorConfig
 from coordinator.server import start_coordinator
-from gptfl.errors import EXIT_CONFIG, ConfigError, PkiError
+from gptfl.errors import EXIT_CONFIG, ConfigError
 from gptfl.logging_setup import configure_logging
 from gptfl.service_process import (
     load_service_config,
@@ -24,8 +24,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_name="coordinator.yaml",
     ).parse_args(argv)
     try:
-        config = load_service_config(CoordinatorConfig, args, env_prefix=ENV_PREFIX)
-    except (ConfigError, PkiError) as exc:
+        config, _ = load_service_config(
+            CoordinatorConfig, args, env_prefix=ENV_PREFIX, role="coordinator"
+        )
+    except ConfigError as exc:
         print(f"gptfl-coordinator: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(

@@ -58,15 +58,22 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     )
 
 
+_warned_plaintext: set[str] = set()
+
+
 def open_channel(
     address: str, *, tls: TlsFiles | None, server_name: str | None = None
 ) -> grpc.Channel:
     """A channel to ``address``: mutual TLS with ``tls``, plaintext (with a warning) without."""
     options = list(_CHANNEL_OPTIONS)
     if tls is None:
-        log.warning(
-            "plaintext channel to %s: --insecure was given; do not use in production", address
-        )
+        if address not in _warned_plaintext:  # once per address, not on every reconnect
+            _warned_plaintext.add(address)
+            log.warning(
+                "plaintext channel to %s: insecure mode (--insecure or insecure: true); "
+                "do not use in production",
+                address,
+            )
         return grpc.insecure_channel(address, options=options)
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
@@ -116,7 +123,11 @@ def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     register(server)
     if tls is None:
-        log.warning("%s server on %s is PLAINTEXT: --insecure was given", name, address)
+        log.warning(
+            "%s server on %s is PLAINTEXT: insecure mode (--insecure or insecure: true)",
+            name,
+            address,
+        )
         port = server.add_insecure_port(address)
     else:
         port = server.add_secure_port(address, server_credentials(tls))

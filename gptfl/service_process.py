@@ -18,7 +18,8 @@ from typing import Protocol, TypeVar
 from prometheus_client import CollectorRegistry, start_http_server
 
 from gptfl.config_loading import load_config
-from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, GptflError
+from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, GptflError, PkiError
+from gptfl.pki import Identity
 from gptfl.tls_config import TlsConfig
 
 #: what every service writes into its state folder once it listens (pid, bound ports);
@@ -53,30 +54,47 @@ def service_parser(*, prog: str, description: str, config_name: str) -> argparse
     return parser
 
 
-def load_service_config(model: type[C], args: argparse.Namespace, *, env_prefix: str) -> C:
+def load_service_config(
+    model: type[C], args: argparse.Namespace, *, env_prefix: str, role: str
+) -> tuple[C, Identity | None]:
     """Loads ``args.config`` with environment overrides and ``--insecure`` applied before
-    validation, then reads the certificates so that unreadable ones fail at start.
+    validation, then checks the certificates (:meth:`~gptfl.tls_config.TlsConfig.check`) so
+    that a wrong file fails the start, not every connection later.
+
+    Returns:
+        The config, and the identity its certificate carries (None in insecure mode).
 
     Raises:
-        ConfigError: the file, a key or a value is wrong.
-        PkiError: a certificate or key file cannot be read.
+        ConfigError: the file, a key or a value is wrong, or a certificate file is missing,
+            unreadable, mismatched, expired or for another role than ``role``.
     """
     overrides = {"insecure": True, "tls": None} if args.insecure else None
     config = load_config(model, args.config, env_prefix=env_prefix, overrides=overrides)  # type: ignore[type-var]
-    if config.tls is not None:
-        config.tls.files().read()
-    return config
+    if config.tls is None:
+        return config, None
+    try:
+        return config, config.tls.check(role=role)
+    except PkiError as exc:
+        raise ConfigError(f"{args.config.name}: {exc}") from None
 
 
 def start_metrics_http(address: str, registry: CollectorRegistry) -> int | None:
     """Serves ``registry`` on ``host:port`` (port 0: any free port); returns the bound port.
 
     An empty address disables the endpoint.
+
+    Raises:
+        ConfigError: the port cannot be bound (in use, not permitted), naming
+            ``metrics_address``.
     """
     if not address:
         return None
     host, _, port = address.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+    try:
+        server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"metrics_address: cannot listen on {address}: {reason}") from None
     bound: int = server.server_port
     return bound
 

@@ -90,6 +90,8 @@ class SiloAgent:
                     beat.join()
             except grpc.RpcError as exc:
                 code = exc.code()
+                if stop.is_set():
+                    break  # stopping: the failed call is no reason to retry or to warn
                 if code in _FATAL:
                     log.error("the coordinator refused this silo: %s", exc.details())
                     return 1

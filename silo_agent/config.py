@@ -11,7 +11,7 @@ from gptfl.addresses import DialAddress, OptionalListenAddress
 from gptfl.config_loading import StrictModel, resolve_path
 from gptfl.data.dataset import ResizeMode
 from gptfl.data.sources import DataSource, ImageFolderSource, NpzSource
-from gptfl.tls_config import TlsConfig
+from gptfl.tls_config import TlsConfig, check_tls_or_insecure
 
 ENV_PREFIX = "GPTFL_SILO"
 
@@ -53,8 +53,7 @@ class SiloConfig(StrictModel):
 
     @pydantic.model_validator(mode="after")
     def _tls_or_insecure(self) -> SiloConfig:
-        if self.tls is None and not self.insecure:
-            raise ValueError("tls is required unless insecure: true is set explicitly")
+        check_tls_or_insecure(self.tls, self.insecure)
         if self.insecure and not self.silo_id:
             raise ValueError("insecure mode needs silo_id (no certificate names the silo)")
         return self

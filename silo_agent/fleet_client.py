@@ -17,6 +17,9 @@ from gptfl.task import TaskSpec
 from gptfl.weights import WeightMap, build_manifest, iter_chunks, receive_all, specs_of
 
 RPC_TIMEOUT_S = 30.0
+#: Register opens every connection: against a firewall that drops packets silently, this
+#: bounds how long the agent waits before it says so (and how long a stop waits for it)
+REGISTER_TIMEOUT_S = 10.0
 #: transfers get a deadline that grows with the payload (at least 10 MB/s assumed)
 TRANSFER_BASE_S = 60.0
 TRANSFER_BYTES_PER_S = 10e6
@@ -62,7 +65,7 @@ class FleetClient:
                 num_train_examples=num_train,
                 num_eval_examples=num_eval,
             ),
-            timeout=RPC_TIMEOUT_S,
+            timeout=REGISTER_TIMEOUT_S,
             metadata=self._metadata,
             wait_for_ready=False,
         )

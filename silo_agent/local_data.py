@@ -10,8 +10,8 @@ import numpy as np
 
 from gptfl.data.dataset import ArrayDataset
 from gptfl.data.partition import split_fraction
-from gptfl.data.sources import load_source
-from gptfl.errors import ValidationError
+from gptfl.data.sources import check_source, load_source
+from gptfl.errors import ConfigError, GptflError, ValidationError
 from gptfl.models.spec import ModelSpec
 from silo_agent.config import DataConfig
 
@@ -28,6 +28,19 @@ class LocalData:
     """Caches the silo's data per (channels, image size): silos stay warm between rounds."""
 
     def __init__(self, config: DataConfig) -> None:
+        """Checks that the data is there (:func:`~gptfl.data.sources.check_source`); the
+        images are read at the first task, when the model's input shape is known.
+
+        Raises:
+            ConfigError: a source is missing or unusable, naming its key.
+        """
+        for key, source in (("data.train", config.train), ("data.eval", config.eval)):
+            if source is None:
+                continue
+            try:
+                check_source(source)
+            except GptflError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
         self._config = config
         self._cache: dict[tuple[int, int], LocalSplits] = {}
         self._lock = threading.Lock()

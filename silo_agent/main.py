@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from gptfl import atomic_io
-from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, GptflError, PkiError
+from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, GptflError
 from gptfl.logging_setup import configure_logging
 from gptfl.memory import tune_allocator
 from gptfl.service_process import (
@@ -32,27 +32,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_name="silo.yaml",
     ).parse_args(argv)
     try:
-        config = load_service_config(SiloConfig, args, env_prefix=ENV_PREFIX)
-    except (ConfigError, PkiError) as exc:
+        config, identity = load_service_config(SiloConfig, args, env_prefix=ENV_PREFIX, role="silo")
+    except ConfigError as exc:
         print(f"gptfl-silo: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    name = config.silo_id or (config.tls.cert.parent.name if config.tls else "silo")
+    # the silo's id: the CN of its certificate (what the coordinator knows it as)
+    name = identity.common_name if identity is not None else config.silo_id or "silo"
     configure_logging(
         fmt=config.log_format, level=logging.DEBUG if args.verbose else logging.INFO, name=name
     )
     tune_allocator()  # weights stream in 1 MiB messages: keep their buffers off mmap
     metrics = SiloMetrics.create()
-    metrics_port = start_metrics_http(config.metrics_address, metrics.registry)
     try:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_io.ensure_writable_dir(config.state_dir, key="state_dir")
+        metrics_port = start_metrics_http(config.metrics_address, metrics.registry)
         agent = SiloAgent(config, metrics=metrics)
         # The bound port (port 0 in a config means "any free port"), for local clusters.
         atomic_io.write_json(
             config.state_dir / ENDPOINTS_FILE, {"pid": os.getpid(), "metrics_port": metrics_port}
         )
+    except ConfigError as exc:
+        print(f"gptfl-silo: {args.config.name}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except (GptflError, OSError) as exc:
-        print(f"gptfl-silo: {exc}", file=sys.stderr)
-        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
+        print(f"gptfl-silo: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     stop = stop_on_signals()
     log.info(
         "silo agent starting: coordinator %s, device %s%s",

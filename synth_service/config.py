@@ -9,7 +9,7 @@ import pydantic
 
 from gptfl.addresses import ListenAddress, OptionalListenAddress
 from gptfl.config_loading import StrictModel, resolve_path
-from gptfl.tls_config import TlsConfig
+from gptfl.tls_config import TlsConfig, check_tls_or_insecure
 
 ENV_PREFIX = "GPTFL_SYNTH"
 
@@ -55,8 +55,7 @@ class SynthConfig(StrictModel):
 
     @pydantic.model_validator(mode="after")
     def _tls_or_insecure(self) -> SynthConfig:
-        if self.tls is None and not self.insecure:
-            raise ValueError("tls is required unless insecure: true is set explicitly")
+        check_tls_or_insecure(self.tls, self.insecure)
         return self
 
     def resolve_paths(self, base: Path) -> SynthConfig:

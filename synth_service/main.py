@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gptfl.errors import EXIT_CONFIG, ConfigError, PkiError
+from gptfl.errors import EXIT_CONFIG, ConfigError
 from gptfl.logging_setup import configure_logging
 from gptfl.service_process import (
     load_service_config,
@@ -27,9 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_name="synth.yaml",
     ).parse_args(argv)
     try:
-        config = load_service_config(SynthConfig, args, env_prefix=ENV_PREFIX)
+        config, _ = load_service_config(SynthConfig, args, env_prefix=ENV_PREFIX, role="synth")
         resolve_device(config.device)  # "cuda" on a machine without CUDA fails here
-    except (ConfigError, PkiError) as exc:
+    except ConfigError as exc:
         print(f"gptfl-synth: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(

@@ -149,8 +149,7 @@ def _read_image_folder(
     source: ImageFolderSource, *, in_channels: int, image_size: int, mode: ResizeMode
 ) -> ArrayDataset:
     root = source.path
-    if not root.is_dir():
-        raise ConfigError(f"image folder {root} does not exist or is not a directory")
+    _check_image_folder(root)
     present = sorted(child.name for child in root.iterdir() if child.is_dir())
     if source.class_names is None:
         class_names = present
@@ -203,20 +202,51 @@ def _read_image(file: Path) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def check_source(source: DataSource) -> None:
+    """The cheap part of :func:`load_source`, for a service's start: the folder or file is
+    there, and an ``.npz`` holds ``x`` and ``y``. The images are read when first needed.
+
+    Raises:
+        ConfigError: the folder or file is missing.
+        ValidationError: the ``.npz`` cannot be opened or lacks an array.
+    """
+    if isinstance(source, ImageFolderSource):
+        _check_image_folder(source.path)
+    elif isinstance(source, NpzSource):
+        _open_npz(source.path).close()
+
+
+def _check_image_folder(root: Path) -> None:
+    if not root.is_dir():
+        raise ConfigError(f"image folder {root} does not exist or is not a directory")
+
+
+def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    """The open archive, once it is known to hold ``x`` and ``y``."""
     if not path.is_file():
         raise ConfigError(f"npz file {path} does not exist or is not a file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [key for key in ("x", "y") if key not in archive.files]
-            if missing:
-                raise ValidationError(
-                    f"npz file {path} lacks array(s) {', '.join(missing)} "
-                    f"(has: {', '.join(archive.files) or 'none'})"
-                )
-            raw_x, raw_y = archive["x"], archive["y"]
+        archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ValidationError(f"cannot read npz file {path}: {exc}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValidationError(f"npz file {path} is a single array, not an archive of x and y")
+    missing = [key for key in ("x", "y") if key not in archive.files]
+    if missing:
+        archive.close()
+        raise ValidationError(
+            f"npz file {path} lacks array(s) {', '.join(missing)} "
+            f"(has: {', '.join(archive.files) or 'none'})"
+        )
+    return archive
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with _open_npz(path) as archive:
+        try:
+            raw_x, raw_y = archive["x"], archive["y"]
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise ValidationError(f"cannot read npz file {path}: {exc}") from None
     return _images_from_array(raw_x, where=f"npz file {path}: x"), _labels_from_array(
         raw_y, count=raw_x.shape[0], where=f"npz file {path}: y"
     )

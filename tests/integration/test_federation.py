@@ -129,6 +129,13 @@ def test_foreign_ca_and_wrong_roles_are_refused(
             "{kind: npz, path: x.npz, colour: red}}\n",
             "data.train.colour",
         ),
+        (  # the data is checked at start, not at the first task
+            "silo_agent.main",
+            "coordinator: x:1\ninsecure: true\nsilo_id: a\n"
+            "data: {train: {kind: npz, path: missing.npz}}\n",
+            "data.train",
+        ),
+        ("silo_agent.main", "coordinator: x\ninsecure: true\nsilo_id: a\n", "coordinator"),
     ],
 )
 def test_bad_config_fails_at_start_with_one_line(
