@@ -35,16 +35,6 @@ Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @pytest.fixture(scope="session")
-def helm() -> Path:
-    out = subprocess.run(
-        [str(ROOT / "scripts" / "get_helm.sh")], check=True, capture_output=True, text=True
-    )
-    path = Path(out.stdout.strip().splitlines()[-1])
-    assert path.is_file()
-    return path
-
-
-@pytest.fixture(scope="session")
 def renders(tmp_path_factory: pytest.TempPathFactory, helm: Path) -> Path:
     """Runs the chart checks once; returns the folder of renders."""
     out = tmp_path_factory.mktemp("renders")
@@ -596,7 +586,15 @@ def test_synth_config_is_valid_for_the_service_and_matches_the_pod(renders: Path
         ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
         assert cfg.address.endswith(f":{ports['grpc']}")
         assert cfg.health_address.endswith(f":{ports['health']}")
-        assert cfg.metrics_address.endswith(f":{ports['metrics']}")
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container(deployment)[probe]["grpc"]["port"] == ports["health"], where
+        service_ports = {p["name"] for p in one(docs, "Service")["spec"]["ports"]}
+        if "metrics" in ports:
+            assert cfg.metrics_address.endswith(f":{ports['metrics']}")
+            assert "metrics" in service_ports
+        else:
+            assert cfg.metrics_address == "" and "metrics" not in service_ports
+            assert not of_kind(docs, "ServiceMonitor"), where
         # generators and datasets live on the models volume (the root file system is
         # read-only, and datasets must outlive the scale-down between phases)
         models = mounts(deployment)["models"]["mountPath"]

@@ -122,6 +122,13 @@ agree with the pod spec; the rest comes from .Values.
 {{- if and $spec (has (get $spec "kind") (list "imagefolder" "npz")) (not $dataKind) }}
 {{- fail (printf "data.%s.kind %s reads files: set data.volume.existingClaim or data.volume.hostPath" $split (get $spec "kind")) }}
 {{- end }}
+{{- if and $spec (hasKey $spec "path") }}
+{{- $mount := clean $d.volume.mountPath }}
+{{- $path := clean (toString (get $spec "path")) }}
+{{- if not (or (eq $path $mount) (hasPrefix (printf "%s/" (trimSuffix "/" $mount)) $path)) }}
+{{- fail (printf "data.%s.path %s is not under data.volume.mountPath %s, where the data volume is mounted: the agent could not read it. Point it under %s, or change data.volume.mountPath" $split (get $spec "path") $d.volume.mountPath $d.volume.mountPath) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- $data := dict "train" $d.train "eval_fraction" $d.eval_fraction "split_seed" $d.split_seed "resize_mode" $d.resize_mode }}
 {{- if $d.eval }}
@@ -139,6 +146,19 @@ agree with the pod spec; the rest comes from .Values.
   "exit_after_job" false
   "log_format" .Values.config.log_format
 }}
+{{- /* optional agent settings: written only when set, so the agent's defaults apply */}}
+{{- if hasKey .Values.config "poll_wait_s" }}
+{{- $_ := set $cfg "poll_wait_s" .Values.config.poll_wait_s }}
+{{- end }}
+{{- $reconnect := dict }}
+{{- range $key := list "initial_backoff_s" "max_backoff_s" }}
+{{- if hasKey ($.Values.config.reconnect | default dict) $key }}
+{{- $_ := set $reconnect $key (get $.Values.config.reconnect $key) }}
+{{- end }}
+{{- end }}
+{{- if $reconnect }}
+{{- $_ := set $cfg "reconnect" $reconnect }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
 

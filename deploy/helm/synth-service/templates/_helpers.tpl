@@ -83,10 +83,16 @@ Name of the models claim.
 {{- end }}
 
 {{/*
-The service's config file (synth.yaml): .Values.config as it is.
+The service's config file (synth.yaml): .Values.config plus the listen addresses, which are
+owned by the chart (built from .Values.ports and .Values.metrics.enabled) so they always agree
+with the container ports, the probes, the Service and the ServiceMonitor.
 */}}
 {{- define "synth-service.configFile" -}}
-{{- toYaml .Values.config }}
+{{- $cfg := deepCopy .Values.config }}
+{{- $_ := set $cfg "address" (printf "0.0.0.0:%d" (int .Values.ports.grpc)) }}
+{{- $_ := set $cfg "health_address" (printf "0.0.0.0:%d" (int .Values.ports.health)) }}
+{{- $_ := set $cfg "metrics_address" (ternary (printf "0.0.0.0:%d" (int .Values.ports.metrics)) "" .Values.metrics.enabled) }}
+{{- toYaml $cfg }}
 {{- end }}
 
 {{/*
