@@ -112,6 +112,7 @@ class JobManager:
         # Problems the spec can only show against this coordinator (an unknown architecture, a
         # validation set that is not there) fail the submission, not the job later.
         build_model(spec.model)
+        self._check_quorum(spec)
         self._check_pretrain(spec)
         evaluator = _evaluator_for(spec)
         ending = self._runner
@@ -147,6 +148,16 @@ class JobManager:
             spec.strategy.name,
         )
         return job_id
+
+    def _check_quorum(self, spec: JobSpec) -> None:
+        # Only the allowed silos can ever connect, so no round could reach a larger quorum:
+        # the job would wait wait_for_silos_s and then fail.
+        allowed = sorted(self._registry.allowed)
+        if allowed and spec.min_silos > len(allowed):
+            raise ConfigError(
+                f"min_silos is {spec.min_silos} but this coordinator's allowed_silos names "
+                f"only {len(allowed)} ({', '.join(allowed)}); no round could reach the quorum"
+            )
 
     def _check_pretrain(self, spec: JobSpec) -> None:
         if spec.pretrain is None:

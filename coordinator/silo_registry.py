@@ -42,6 +42,11 @@ class SiloRegistry:
         self._silos: dict[str, SiloRecord] = {}
         self._lock = threading.Lock()
 
+    @property
+    def allowed(self) -> frozenset[str]:
+        """The silos that may connect (``allowed_silos``); empty: any silo."""
+        return self._allowed
+
     def check_allowed(self, silo_id: str) -> None:
         if self._allowed and silo_id not in self._allowed:
             raise PermissionDeniedError(

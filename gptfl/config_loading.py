@@ -14,22 +14,67 @@ Environment overrides use a prefix and ``__`` between nested keys, values parsed
 from __future__ import annotations
 
 import os
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pydantic
+import pydantic_core
 import yaml
 
 from gptfl.errors import ConfigError
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
+#: the error type of a bool given for a number (its location is the model's; ``ctx`` names
+#: the key)
+_BOOL_FOR_NUMBER = "bool_for_number"
+
 
 class StrictModel(pydantic.BaseModel):
-    """Base for config models: unknown keys are errors and instances are immutable."""
+    """Base for config models: unknown keys are errors and instances are immutable.
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    Numbers are checked more strictly than pydantic's defaults: ``.inf`` and ``.nan`` are
+    refused (a deadline of infinity overflows the int64 milliseconds on the wire), and so
+    are ``true``/``false`` where a number is expected (pydantic would read them as 1 and 0).
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, data: Any) -> Any:
+        # A model validator, not a field validator for "*": pydantic refuses a before
+        # validator on the ``kind`` field that discriminates the data sources.
+        if not isinstance(data, Mapping):
+            return data
+        for key, value in data.items():
+            field = cls.model_fields.get(key) if isinstance(key, str) else None
+            if isinstance(value, bool) and field is not None and _wants_a_number(field.annotation):
+                raise pydantic_core.PydanticCustomError(
+                    _BOOL_FOR_NUMBER,
+                    "Input should be a number, not true or false",
+                    {"key": key, "value": value},
+                )
+        return data
+
+
+def _wants_a_number(annotation: Any) -> bool:
+    """Whether a field typed ``annotation`` takes a number but not a bool."""
+    members = _members(annotation)
+    return bool(members & {int, float}) and not members & {bool, Any}
+
+
+def _members(annotation: Any) -> set[Any]:
+    """The types a field annotation admits, with unions and ``Annotated`` taken apart."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _members(typing.get_args(annotation)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return set().union(*(_members(arg) for arg in typing.get_args(annotation)))
+    return {annotation}
 
 
 def format_validation_error(
@@ -42,7 +87,12 @@ def format_validation_error(
     message names only keys that are in the file.
     """
     first = error.errors()[0]
-    loc = tuple(first["loc"]) if data is None else _key_path(tuple(first["loc"]), data)
+    loc = tuple(first["loc"])
+    ctx = first.get("ctx") or {}
+    if first["type"] == _BOOL_FOR_NUMBER:
+        loc = (*loc, ctx["key"])
+    if data is not None:
+        loc = _key_path(loc, data, missing=first["type"] == "missing")
     key = ".".join(str(part) for part in loc) or "<root>"
     if first["type"] == "extra_forbidden":
         detail = "unknown key"
@@ -52,6 +102,8 @@ def format_validation_error(
         # A rule across keys (a model validator): its message says what is wrong; echoing
         # the whole input would bury it.
         detail = str(first["msg"]).removeprefix("Value error, ")
+    elif first["type"] == _BOOL_FOR_NUMBER:
+        detail = f"{first['msg']} (got {ctx['value']!r})"
     else:
         detail = f"{first['msg']} (got {first.get('input')!r})"
     more = len(error.errors()) - 1
@@ -59,8 +111,13 @@ def format_validation_error(
     return f"{source}: {key}: {detail}{suffix}"
 
 
-def _key_path(loc: tuple[int | str, ...], data: Any) -> tuple[int | str, ...]:
-    """``loc`` without the union-member labels: only the parts that walk through ``data``."""
+def _key_path(loc: tuple[int | str, ...], data: Any, *, missing: bool) -> tuple[int | str, ...]:
+    """``loc`` without the union-member labels: only the parts that walk through ``data``.
+
+    ``missing``: the error is a required key that is missing, so the last part of ``loc``
+    names a key that is not in ``data``; otherwise a last part not in ``data`` is a label
+    (e.g. the discriminator value a model validator of a union member reports under).
+    """
     path: list[int | str] = []
     node = data
     for i, part in enumerate(loc):
@@ -68,8 +125,8 @@ def _key_path(loc: tuple[int | str, ...], data: Any) -> tuple[int | str, ...]:
         in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
         if in_mapping or in_list:
             node = node[part]
-        elif isinstance(node, Mapping) and i == len(loc) - 1:
-            pass  # a missing key: not in the data, but it is the key to name
+        elif missing and isinstance(node, Mapping) and i == len(loc) - 1:
+            pass  # the missing key: not in the data, but it is the key to name
         elif isinstance(node, Mapping | list):
             continue  # a union member's label (e.g. the discriminator value)
         else:

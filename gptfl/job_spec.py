@@ -29,6 +29,10 @@ ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")
 #: the adaptive strategies' server learning rate when a job spec leaves it out
 ADAPTIVE_SERVER_LR = 0.01
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+#: the longest a job-spec duration may be (7 days): deadlines travel as int64 Unix
+#: milliseconds and call timeouts as gRPC deadlines, and neither takes absurd values
+MAX_DURATION_S = 7 * 24 * 3600.0
+_SEED = pydantic.TypeAdapter(int)
 
 
 class LocalTrainingSpec(StrictModel):
@@ -136,9 +140,9 @@ class PretrainSpec(StrictModel):
     #: seeded random initialisation instead, and says so in its status and report
     on_failure: Literal["fail", "random"] = "fail"
     #: how long to wait for the synth service to be serving (includes a GPU scale-up)
-    ready_timeout_s: float = pydantic.Field(600.0, gt=0)
-    generate_timeout_s: float = pydantic.Field(6 * 3600.0, gt=0)
-    pretrain_timeout_s: float = pydantic.Field(6 * 3600.0, gt=0)
+    ready_timeout_s: float = pydantic.Field(600.0, gt=0, le=MAX_DURATION_S)
+    generate_timeout_s: float = pydantic.Field(6 * 3600.0, gt=0, le=MAX_DURATION_S)
+    pretrain_timeout_s: float = pydantic.Field(6 * 3600.0, gt=0, le=MAX_DURATION_S)
 
     @pydantic.field_validator("generator")
     @classmethod
@@ -185,8 +189,8 @@ class JobSpec(StrictModel):
     seed: int = 0
     silos_per_round: float | Literal["all"] = "all"
     min_silos: int = pydantic.Field(1, ge=1)
-    round_deadline_s: float = pydantic.Field(600.0, gt=0)
-    wait_for_silos_s: float = pydantic.Field(600.0, gt=0)
+    round_deadline_s: float = pydantic.Field(600.0, gt=0, le=MAX_DURATION_S)
+    wait_for_silos_s: float = pydantic.Field(600.0, gt=0, le=MAX_DURATION_S)
     local: LocalTrainingSpec = LocalTrainingSpec()
     strategy: StrategySpec = StrategySpec()
     evaluation: EvaluationSpec = EvaluationSpec()
@@ -216,9 +220,15 @@ class JobSpec(StrictModel):
         # restarted coordinator reads back) names the seeds the phase actually used.
         if not isinstance(data, dict) or not isinstance(data.get("pretrain"), dict):
             return data
-        seed = data.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            return data  # the seed's own validation reports it
+        # The seed as the field will read it (``5.0`` and ``'5'`` are 5), so the sections get
+        # the job's value, not a default.
+        raw = data.get("seed", 0)
+        if isinstance(raw, bool):
+            return data  # the seed's own validation refuses it
+        try:
+            seed = _SEED.validate_python(raw)
+        except pydantic.ValidationError:
+            return data  # likewise
         pretrain = dict(data["pretrain"])
         for section in ("generation", "training"):
             value = pretrain.get(section, {})

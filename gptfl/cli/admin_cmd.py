@@ -12,7 +12,13 @@ from typing import Any
 import grpc
 
 from gptfl.admin_client import AdminClient, StatusView, describe_rpc_error
-from gptfl.errors import EXIT_JOB_FAILED, EXIT_OK, EXIT_UNAVAILABLE
+from gptfl.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+)
 from gptfl.job_spec import read_job_spec
 from gptfl.tls_config import TlsConfig
 
@@ -71,9 +77,19 @@ def _with_client(
                 return action(client, args)
         except grpc.RpcError as exc:
             print(f"gptfl admin: {describe_rpc_error(exc)}", file=sys.stderr)
-            return EXIT_UNAVAILABLE
+            return rpc_exit_code(exc.code())
 
     return handler
+
+
+def rpc_exit_code(code: grpc.StatusCode) -> int:
+    """The exit code of a failed admin call (the table in docs/cli.md, "Exit codes").
+
+    INVALID_ARGUMENT is the coordinator refusing what was sent (a job spec that passed the
+    local checks but not the coordinator's: an unknown architecture, a missing server data
+    set), so it is a config error like a spec refused locally; every other code is 4.
+    """
+    return EXIT_CONFIG if code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_UNAVAILABLE
 
 
 def _submit(client: AdminClient, args: argparse.Namespace) -> int:
@@ -116,9 +132,29 @@ def _stop(client: AdminClient, args: argparse.Namespace) -> int:
 
 
 def _download(client: AdminClient, args: argparse.Namespace) -> int:
-    params = client.download_model_to(args.out)
-    print(f"wrote {args.out} ({params} parameters)")
-    return EXIT_OK
+    out: Path = args.out
+    # Checked before the download, so a mistyped OUT costs no transfer.
+    problem = _unwritable_reason(out)
+    if problem is None:
+        try:
+            params = client.download_model_to(out)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        else:
+            print(f"wrote {out} ({params} parameters)")
+            return EXIT_OK
+    print(f"gptfl admin: cannot write {out}: {problem}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _unwritable_reason(out: Path) -> str | None:
+    """Why a file cannot be written at ``out`` (a folder there or above), or None."""
+    if out.is_dir():
+        return "is a directory"
+    for parent in out.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is not a directory"
+    return None
 
 
 def _pct(metrics: dict[str, float], key: str) -> str:

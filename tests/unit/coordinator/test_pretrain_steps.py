@@ -20,6 +20,7 @@ from gptfl.pki import TlsFiles
 from gptfl.synth_client import DatasetInfo, EpochInfo, PretrainOutcome, SynthProgress
 from gptfl.synth_spec import GeneratorSettings, PretrainSettings, SynthesisRequest
 from gptfl.weights import TensorSpec, WeightMap, specs_of
+from tests.rpc_fakes import FakeRpcError
 
 MODEL = {"arch": "cnn-small", "num_classes": 3, "in_channels": 1, "image_size": 8}
 
@@ -40,17 +41,6 @@ def _spec(**pretrain: Any) -> JobSpec:
 def _trained() -> WeightMap:
     model = build_model(ModelSpec.model_validate(MODEL), seed=99)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-class FakeRpcError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
 
 
 @dataclass

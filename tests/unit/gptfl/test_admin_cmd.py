@@ -1,12 +1,29 @@
-"""``gptfl admin`` following a job: progress lines before round 1, one line per round."""
+"""``gptfl admin``: following a job (progress lines before round 1, one line per round),
+exit codes of refused calls, and one-line errors when the model cannot be written."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
 
 from gptfl.admin_client import RoundView, StatusView
+from gptfl.cli import admin_cmd
 from gptfl.cli.admin_cmd import follow
-from gptfl.errors import EXIT_JOB_FAILED, EXIT_OK
+from gptfl.cli.main import main
+from gptfl.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+)
+from gptfl.weights_io import save_weights
+from tests.rpc_fakes import FakeRpcError
 
 
 def _status(phase: str, message: str, rounds: int = 0) -> StatusView:
@@ -63,3 +80,124 @@ def test_a_failed_job_exits_with_the_job_failed_code() -> None:
     code = follow(script, interval_s=0, out=script.lines.append)  # type: ignore[arg-type]
     assert code == EXIT_JOB_FAILED
     assert script.lines == ["job job-1 failed: pretrain phase failed: Generate at s:1: NOT_FOUND"]
+
+
+# ---- exit codes and one-line errors ---------------------------------------------------------
+
+
+class _RefusingClient:
+    """An admin client whose every call fails with one status."""
+
+    def __init__(self, error: grpc.RpcError) -> None:
+        self._error = error
+
+    def __enter__(self) -> _RefusingClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+    def submit(self, _text: str) -> str:
+        raise self._error
+
+    def stop(self, _reason: str) -> str:
+        raise self._error
+
+
+def _admin(monkeypatch: pytest.MonkeyPatch, error: grpc.RpcError, *argv: str) -> int:
+    monkeypatch.setattr(admin_cmd, "AdminClient", lambda *_a, **_k: _RefusingClient(error))
+    return main(["admin", "--insecure", *argv])
+
+
+def test_a_spec_the_coordinator_refuses_exits_with_the_config_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        "name: j\nmodel: {arch: nope, num_classes: 10, in_channels: 1, image_size: 8}\nrounds: 1\n"
+    )
+    refused = FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "unknown model architecture 'nope'")
+    assert _admin(monkeypatch, refused, "submit", str(spec)) == EXIT_CONFIG
+    assert capsys.readouterr().err == (
+        "gptfl admin: INVALID_ARGUMENT: unknown model architecture 'nope'\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "argv"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, ("submit", "SPEC")),
+        (grpc.StatusCode.FAILED_PRECONDITION, ("submit", "SPEC")),
+        (grpc.StatusCode.FAILED_PRECONDITION, ("stop",)),
+    ],
+)
+def test_other_refusals_exit_with_the_unavailable_code(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    code: grpc.StatusCode,
+    argv: tuple[str, ...],
+) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        "name: j\nmodel: {arch: cnn-small, num_classes: 10, in_channels: 1, image_size: 8}\n"
+        "rounds: 1\n"
+    )
+    argv = tuple(str(spec) if a == "SPEC" else a for a in argv)
+    assert _admin(monkeypatch, FakeRpcError(code, "no"), *argv) == EXIT_UNAVAILABLE
+
+
+class _Downloader:
+    """Stands in for AdminClient.download_model_to: writes a real file, counts calls."""
+
+    def __init__(self, error: OSError | None = None) -> None:
+        self.calls = 0
+        self._error = error
+
+    def download_model_to(self, path: Path) -> int:
+        self.calls += 1
+        if self._error is not None:
+            raise self._error
+        save_weights(path, {"w": torch.zeros(3)})
+        return 3
+
+
+def _download(client: _Downloader, out: Path) -> int:
+    return admin_cmd._download(client, argparse.Namespace(out=out))  # type: ignore[arg-type]
+
+
+def test_download_model_writes_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "models" / "model.safetensors"
+    assert _download(_Downloader(), out) == EXIT_OK
+    assert out.is_file()
+    assert capsys.readouterr().out == f"wrote {out} (3 parameters)\n"
+
+
+def test_download_model_into_a_directory_fails_in_one_line_before_downloading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = _Downloader()
+    assert _download(client, tmp_path) == EXIT_FAILURE
+    assert client.calls == 0
+    assert capsys.readouterr().err == f"gptfl admin: cannot write {tmp_path}: is a directory\n"
+
+
+def test_download_model_under_a_file_fails_in_one_line_before_downloading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "plain").write_text("x")
+    out = tmp_path / "plain" / "sub" / "model.safetensors"
+    client = _Downloader()
+    assert _download(client, out) == EXIT_FAILURE
+    assert client.calls == 0
+    assert capsys.readouterr().err == (
+        f"gptfl admin: cannot write {out}: {tmp_path / 'plain'} is not a directory\n"
+    )
+
+
+def test_download_model_that_cannot_be_written_fails_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    denied = PermissionError(13, "Permission denied")
+    out = tmp_path / "model.safetensors"
+    assert _download(_Downloader(denied), out) == EXIT_FAILURE
+    assert capsys.readouterr().err == f"gptfl admin: cannot write {out}: Permission denied\n"

@@ -120,6 +120,46 @@ def test_union_member_labels_do_not_leak_into_the_key(tmp_path: Path) -> None:
     assert message == "config.yaml: data.train.path: required key is missing"
 
 
+def test_a_union_members_own_rule_is_named_by_the_source_key(tmp_path: Path) -> None:
+    # The label ("sklearn-digits") is the last part of pydantic's location here; it must not
+    # be taken for a missing key and shown.
+    text = SILO_YAML.replace(
+        "    kind: npz\n    path: data/train.npz\n",
+        "    kind: sklearn-digits\n    split: test\n"
+        "    partition: {index: 0, count: 2, alpha: 0.5}\n",
+    )
+    message = _error(SiloConfig, _write(tmp_path, text))
+    assert message == (
+        "config.yaml: data.train: partition applies to the train split only; set split: train"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "detail"),
+    [
+        pytest.param(SILO_YAML + "poll_wait_s: .inf\n", "poll_wait_s", "finite number", id="inf"),
+        pytest.param(
+            SILO_YAML.replace("initial_backoff_s: 0.5", "initial_backoff_s: .nan"),
+            "reconnect.initial_backoff_s",
+            "finite number",
+            id="nan",
+        ),
+        pytest.param(
+            SILO_YAML + "poll_wait_s: true\n",
+            "poll_wait_s",
+            "Input should be a number, not true or false (got True)",
+            id="bool",
+        ),
+    ],
+)
+def test_numbers_are_finite_and_never_booleans(
+    tmp_path: Path, text: str, key: str, detail: str
+) -> None:
+    message = _error(SiloConfig, _write(tmp_path, text))
+    assert message.startswith(f"config.yaml: {key}: "), message
+    assert detail in message, message
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [

@@ -272,3 +272,128 @@ def test_server_learning_rate_defaults_by_strategy(
     strategy: dict[str, object], expected: float
 ) -> None:
     assert StrategySpec.model_validate(strategy).server_learning_rate == expected
+
+
+# ---- numbers: finite, bounded, never booleans ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "round_deadline_s: .inf\n",
+        "wait_for_silos_s: .nan\n",
+        "local: {learning_rate: .nan}\n",
+        "strategy: {name: fedprox, proximal_mu: .inf}\n",
+        "strategy: {name: fedadam, server_learning_rate: .inf}\n",
+        "strategy: {name: fedadam, tau: .inf}\n",
+        "silos_per_round: .nan\n",
+        "evaluation: {server: {kind: sklearn-digits, test_fraction: .nan}}\n",
+    ],
+)
+def test_non_finite_numbers_are_refused(extra: str) -> None:
+    # ``round_deadline_s: .inf`` used to pass and then crash every silo's PullTask (the
+    # deadline becomes int64 milliseconds), so the job hung in round 1.
+    key = extra.split(":")[0]
+    message = _error(MINIMAL + extra)
+    assert message.startswith(f"job.yaml: {key}"), message
+    assert "finite number" in message, message
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "  generate_timeout_s: .inf\n",
+        "  training: {learning_rate: .inf}\n",
+        "  generation: {guidance_max: .inf}\n",
+    ],
+)
+def test_non_finite_pretrain_numbers_are_refused(extra: str) -> None:
+    message = _error(PRETRAIN + extra)
+    assert message.startswith("job.yaml: pretrain."), message
+    assert "finite number" in message, message
+
+
+@pytest.mark.parametrize(
+    ("spec", "key"),
+    [
+        (MINIMAL + "round_deadline_s: 604801\n", "round_deadline_s"),
+        (MINIMAL + "wait_for_silos_s: 1.0e+300\n", "wait_for_silos_s"),
+        (PRETRAIN + "  ready_timeout_s: 604801\n", "pretrain.ready_timeout_s"),
+        (PRETRAIN + "  generate_timeout_s: 604801\n", "pretrain.generate_timeout_s"),
+        (PRETRAIN + "  pretrain_timeout_s: 604801\n", "pretrain.pretrain_timeout_s"),
+    ],
+)
+def test_durations_are_at_most_seven_days(spec: str, key: str) -> None:
+    message = _error(spec)
+    assert message.startswith(f"job.yaml: {key}: "), message
+    assert "less than or equal to 604800" in message, message
+
+
+def test_a_seven_day_deadline_is_accepted() -> None:
+    spec = parse_job_spec(MINIMAL + "round_deadline_s: 604800\nwait_for_silos_s: 604800\n")
+    assert spec.round_deadline_s == spec.wait_for_silos_s == 7 * 24 * 3600
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ("silos_per_round: true\n", "silos_per_round"),
+        ("local: {epochs: true}\n", "local.epochs"),
+        ("local: {learning_rate: true}\n", "local.learning_rate"),
+        ("seed: false\n", "seed"),
+        ("min_silos: true\n", "min_silos"),
+        ("strategy: {tau: true}\n", "strategy.tau"),
+        (
+            "evaluation: {server: {kind: sklearn-digits, partition: {index: 0, count: true}}}\n",
+            "evaluation.server.partition.count",
+        ),
+    ],
+)
+def test_booleans_are_not_numbers(extra: str, key: str) -> None:
+    # pydantic would read true as 1: ``silos_per_round: true`` became 1.0 and
+    # ``epochs: true`` one epoch.
+    message = _error(MINIMAL + extra)
+    assert message.startswith(f"job.yaml: {key}: "), message
+    assert "not true or false" in message, message
+
+
+def test_a_boolean_model_size_is_refused() -> None:
+    message = _error(MINIMAL.replace("in_channels: 1", "in_channels: true"))
+    assert message.startswith("job.yaml: model.in_channels: "), message
+
+
+def test_booleans_are_still_booleans() -> None:
+    spec = parse_job_spec(
+        PRETRAIN.replace("generator: digits", "generator: sd\n  backend: text-to-image")
+        + "  generator_settings: {enable_safety_checker: true}\n"
+        + "evaluation: {federated: false}\n"
+    )
+    assert spec.evaluation.federated is False
+    assert spec.pretrain is not None and spec.pretrain.generator_settings.enable_safety_checker
+
+
+@pytest.mark.parametrize("seed", ["7.0", "'7'"])
+def test_pretrain_seeds_are_the_job_seed_as_validated(seed: str) -> None:
+    # The job seed reads 7 from these; the pretrain seeds used to be copied before that and
+    # fell back to 0.
+    spec = parse_job_spec(PRETRAIN.replace("seed: 7", f"seed: {seed}"))
+    assert spec.seed == 7
+    assert spec.pretrain is not None
+    assert spec.pretrain.generation.seed == 7 and spec.pretrain.training.seed == 7
+
+
+def test_a_model_validator_of_a_data_source_names_the_source_key() -> None:
+    # not "evaluation.server.sklearn-digits": that is pydantic's union label, not a key
+    message = _error(
+        MINIMAL + "evaluation: {server: {kind: sklearn-digits, split: test, "
+        "partition: {index: 0, count: 2, alpha: 0.5}}}\n"
+    )
+    assert message == (
+        "job.yaml: evaluation.server: partition applies to the train split only; set split: train"
+    )
+
+
+@pytest.mark.parametrize("generator", ["'a\\b'", "x" * 201])
+def test_generator_names_have_no_backslash_and_at_most_200_characters(generator: str) -> None:
+    message = _error(PRETRAIN.replace("generator: digits", f"generator: {generator}"))
+    assert message.startswith("job.yaml: pretrain.generator: "), message

@@ -6,18 +6,7 @@ import grpc
 import pytest
 
 from silo_agent.upload_retry import UPLOAD_ATTEMPTS, upload_with_retries
-
-
-class _Failed(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode) -> None:
-        super().__init__(code.name)
-        self._code = code
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return f"failed with {self._code.name}"
+from tests.rpc_fakes import FakeRpcError
 
 
 class _Sender:
@@ -30,7 +19,7 @@ class _Sender:
     def __call__(self) -> int:
         self.calls += 1
         if self.codes:
-            raise _Failed(self.codes.pop(0))
+            raise FakeRpcError(self.codes.pop(0))
         return self.calls
 
 
