@@ -26,11 +26,14 @@ def _labels(n: int = 1000, classes: int = 10, seed: int = 0) -> np.ndarray:
 def test_every_index_appears_exactly_once(
     n: int, classes: int, count: int, alpha: float, seed: int
 ) -> None:
+    # min_per_part=0: any draw is acceptable, so the property holds for every input (with a
+    # minimum, a few rare inputs are refused by design, e.g. one class of 40 examples split
+    # 8 ways at alpha 0.3; the minimum has tests of its own below)
     parts = dirichlet_partition(
-        _labels(n, classes, seed), count=count, alpha=alpha, seed=seed, min_per_part=1
+        _labels(n, classes, seed), count=count, alpha=alpha, seed=seed, min_per_part=0
     )
     assert len(parts) == count
-    assert all(part.dtype == np.int64 and part.size >= 1 for part in parts)
+    assert all(part.dtype == np.int64 for part in parts)
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(n))
 
 
