@@ -76,6 +76,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             request.device or "?",
             request.num_train_examples,
         )
+        self._jobs.silo_registered(identity.common_name)
         return fleet_pb2.RegisterReply(
             silo_id=identity.common_name,
             heartbeat_interval_ms=self._heartbeat_ms,

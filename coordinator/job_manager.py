@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.checkpoint import load_latest
+from coordinator.checkpoint import Checkpoint, load_latest
 from coordinator.evaluation import ServerEvaluator
 from coordinator.initial_model import file_initial_model, random_initial_model
 from coordinator.job_runner import InitialModel, JobRunner
-from coordinator.job_state import JobState, Phase
+from coordinator.job_state import ENDED_FILE, JobState, Phase
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pretrain_phase import SynthAccess, run_pretrain_phase
-from coordinator.report import build_summary
+from coordinator.report import build_summary, export_job
 from coordinator.silo_registry import SiloRegistry
-from coordinator.tasks import TaskBoard
+from coordinator.tasks import ModelVersion, TaskBoard
 from gptfl import atomic_io
 from gptfl.errors import ConfigError, GptflError, JobStateError
 from gptfl.job_spec import JobSpec, parse_job_spec
@@ -139,7 +139,7 @@ class JobManager:
                 },
             )
             atomic_io.write_text(self._state_dir / ACTIVE, job_id + "\n")
-            self._start(job_id, spec, job_dir, resume=False, evaluator=evaluator)
+            self._start(job_id, spec, job_dir, checkpoint=None, evaluator=evaluator)
         log.info(
             "job %s submitted by %s: %d rounds of %s",
             job_id,
@@ -201,6 +201,18 @@ class JobManager:
             raise JobStateError("no job is running")
         return runner
 
+    def silo_registered(self, silo_id: str) -> None:
+        """A silo registers when its agent (re)connects, holding no task: the tasks it had
+        pulled and not finished (its process died, its connection broke) are handed back so
+        that it can pull them again, instead of the round waiting for its deadline."""
+        handed_back = self._board.hand_back(silo_id)
+        if handed_back:
+            log.info(
+                "silo %s reconnected without its %d open task(s); they can be pulled again",
+                silo_id,
+                handed_back,
+            )
+
     def current(self) -> JobRunner | None:
         """The running job or, once it ended, the last one."""
         with self._lock:
@@ -217,19 +229,46 @@ class JobManager:
         job_dir = self._state_dir / "jobs" / job_id
         try:
             record = json.loads((job_dir / "job.json").read_text())
-        except (OSError, ValueError) as exc:
+            spec = JobSpec.model_validate(record["spec"])
+        except (OSError, ValueError, KeyError) as exc:  # pydantic's errors are ValueErrors
             log.error("cannot resume job %s (%s); clearing it", job_id, exc)
             pointer.unlink()
             return None
-        spec = JobSpec.model_validate(record["spec"])
+        if (job_dir / ENDED_FILE).exists():
+            try:
+                self._finish_ended(job_id, job_dir)
+            except (GptflError, OSError, ValueError, KeyError) as exc:
+                log.error("job %s had ended, but its report cannot be rewritten: %s", job_id, exc)
+            pointer.unlink(missing_ok=True)
+            return None
         try:
             evaluator = _evaluator_for(spec)
-        except GptflError as exc:
-            log.error("cannot resume job %s: %s", job_id, exc)
+            checkpoint = load_latest(job_dir / "checkpoints")
+        except (GptflError, OSError, ValueError, KeyError) as exc:
+            log.error(
+                "cannot resume job %s: %s; it stays in %s (remove %s to start afresh)",
+                job_id,
+                exc,
+                job_dir,
+                pointer,
+            )
             return None
         with self._lock:
-            self._start(job_id, spec, job_dir, resume=True, evaluator=evaluator)
+            self._start(job_id, spec, job_dir, checkpoint=checkpoint, evaluator=evaluator)
         return job_id
+
+    def _finish_ended(self, job_id: str, job_dir: Path) -> None:
+        """The job had ended but the coordinator stopped before it could say so for good:
+        its final state is known, so the report is written again, and nothing resumes."""
+        final = JobState.from_json(json.loads((job_dir / ENDED_FILE).read_text()))
+        checkpoint = load_latest(job_dir / "checkpoints")
+        model = ModelVersion.of(checkpoint.weights) if checkpoint is not None else None
+        export_job(final, model, self._runs_dir / job_id)
+        log.info(
+            "job %s had already ended (%s); its report was written again, nothing resumed",
+            job_id,
+            final.phase.value,
+        )
 
     def shutdown(self, grace_s: float) -> None:
         """Stops the job thread without ending the job: a restart resumes it."""
@@ -245,10 +284,9 @@ class JobManager:
         spec: JobSpec,
         job_dir: Path,
         *,
-        resume: bool,
+        checkpoint: Checkpoint | None,
         evaluator: ServerEvaluator | None,
     ) -> None:
-        checkpoint = load_latest(job_dir / "checkpoints") if resume else None
         if checkpoint is not None:
             log.info("resuming job %s after round %d", job_id, checkpoint.round)
         runner = JobRunner(

@@ -26,6 +26,7 @@ from coordinator.checkpoint import Checkpoint, save_checkpoint
 from coordinator.evaluation import ServerEvaluator
 from coordinator.inflight_uploads import InFlightUploads, TrackedUpload
 from coordinator.job_state import (
+    ENDED_FILE,
     JobState,
     Phase,
     RoundRecord,
@@ -39,6 +40,7 @@ from coordinator.silo_registry import SiloRegistry
 from coordinator.strategies import Strategy, build_strategy
 from coordinator.tasks import ModelVersion, TaskBoard, TaskRecord, TaskStatus
 from coordinator.upload_slots import UploadSlots
+from gptfl import atomic_io
 from gptfl.errors import GptflError, StaleTaskError, StalledUploadError, ValidationError
 from gptfl.job_spec import JobSpec
 from gptfl.task import LocalSettings, TaskKind
@@ -710,6 +712,7 @@ class JobRunner:
             final = JobState.from_json(self.state.to_json())
         final.phase, final.message = phase, message
         try:
+            atomic_io.write_json(self.job_dir / ENDED_FILE, final.to_json())
             export_job(final, self._global, self.runs_dir / self.job_id)
         except Exception:
             log.exception("job %s: exporting the final model and report failed", self.job_id)

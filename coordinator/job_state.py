@@ -79,6 +79,11 @@ class SiloSummary:
     last_round: int = 0
 
 
+#: the job's final state, written in its folder before the report: a coordinator that
+#: crashes while exporting finds the job ended, and re-exports it instead of resuming it
+ENDED_FILE = "ended.json"
+
+
 @dataclass
 class JobState:
     job_id: str

@@ -150,10 +150,32 @@ class TaskBoard:
             task.status = TaskStatus.RECEIVING
 
     def release(self, task: TaskRecord) -> None:
-        """A failed upload: the silo may try again while the task is open."""
+        """A failed upload: the task is open again, for another upload of the same update or,
+        if the silo lost it (its process died mid-upload), to be pulled and run again."""
         with self._cond:
             if task.status is TaskStatus.RECEIVING:
-                task.status = TaskStatus.DISPATCHED
+                self._reopen(task)
+
+    def hand_back(self, silo_id: str) -> int:
+        """The silo (re)started and holds no task: its dispatched, unfinished tasks can be
+        pulled again, instead of waiting for their round's deadline. Returns how many."""
+        with self._cond:
+            open_tasks = [
+                t
+                for t in self._tasks.values()
+                if t.silo_id == silo_id and t.status is TaskStatus.DISPATCHED
+            ]
+            for task in open_tasks:
+                self._reopen(task)
+            return len(open_tasks)
+
+    def _reopen(self, task: TaskRecord) -> None:
+        """Back to PENDING at the end of its silo's queue (with the lock held)."""
+        task.status = TaskStatus.PENDING
+        queue = self._queues.setdefault(task.silo_id, deque())
+        if not any(queued is task for queued in queue):
+            queue.append(task)
+        self._cond.notify_all()
 
     def finish(self, task: TaskRecord, status: TaskStatus, reason: str = "") -> bool:
         """Moves ``task`` to a final status; False if it was already final."""

@@ -56,6 +56,7 @@ class SiloAgent:
         self._models: dict[ModelSpec, torch.nn.Module] = {}
         self._cached: tuple[str, WeightMap] | None = None
         self._state = "idle"
+        self._counts_changed = False
         self._jobs_seen_running: set[str] = set()
         self.tasks_completed = 0
 
@@ -118,11 +119,14 @@ class SiloAgent:
             num_eval=num_eval,
         )
 
-    def _splits(self, client: FleetClient, task: TaskSpec) -> LocalSplits:
+    def _splits(self, task: TaskSpec) -> LocalSplits:
         before = self.data.counts()
         splits = self.data.for_model(task.model_spec)
         if self.data.counts() != before:
-            self._register(client)  # the coordinator's silo list shows the new counts
+            # Registered again once the task is over, so the coordinator's silo list shows
+            # the counts: a Register means "this silo holds no task" (the coordinator hands
+            # back any task it had given this silo), so never send one mid-task.
+            self._counts_changed = True
         return splits
 
     def _open(self) -> grpc.Channel:
@@ -150,6 +154,9 @@ class SiloAgent:
     def _serve(self, client: FleetClient, stop: threading.Event) -> bool:
         """Pulls and runs tasks; True when the agent should exit (job over, exit_after_job)."""
         while not stop.is_set():
+            if self._counts_changed:
+                self._counts_changed = False
+                self._register(client)
             pulled = client.pull_task(self.config.poll_wait_s)
             if pulled.task is not None:
                 self._jobs_seen_running.add(pulled.job_id)
@@ -219,7 +226,7 @@ class SiloAgent:
         return weights
 
     def _train(self, client: FleetClient, task: TaskSpec) -> None:
-        splits = self._splits(client, task)
+        splits = self._splits(task)
         model = self._model(task.model_spec)
         weights = self._global_weights(client, task, model)
         model.load_state_dict(weights)
@@ -280,7 +287,7 @@ class SiloAgent:
         self.metrics.bytes_sent.inc(nbytes)
 
     def _evaluate(self, client: FleetClient, task: TaskSpec) -> None:
-        splits = self._splits(client, task)
+        splits = self._splits(task)
         if len(splits.eval) == 0:
             client.decline(task, "this silo holds no evaluation data (eval_fraction is 0)")
             return

@@ -194,8 +194,8 @@ def test_claim_refuses_a_concurrent_second_upload(
     assert task.status is TaskStatus.RECEIVING
     with pytest.raises(DuplicateUpdateError, match="in progress"):
         board.claim(task)
-    board.release(task)  # the first upload failed: the silo may try again
-    assert task.status is TaskStatus.DISPATCHED
+    board.release(task)  # the first upload failed: the task is open again
+    assert task.status is TaskStatus.PENDING
     board.claim(task)
     board.finish(task, TaskStatus.DONE)
     with pytest.raises(StaleTaskError):
@@ -265,3 +265,43 @@ def test_wait_until_ends_at_the_deadline_or_on_stop() -> None:
     stop.set()
     board.notify()
     assert done.wait(10)
+
+
+def test_a_restarted_silo_gets_its_open_task_again() -> None:
+    """Its old process pulled the task and died; the round need not wait for its deadline."""
+    board = TaskBoard()
+    mine, other = _task("a"), _task("b")
+    board.publish([mine, other])
+    assert board.pull("a", 0) is mine
+    assert board.pull("b", 0) is other
+    assert board.pull("a", 0) is None  # handed out once
+    assert board.hand_back("a") == 1
+    assert board.pull("a", 0) is mine  # the new process pulls it again
+    assert mine.status is TaskStatus.DISPATCHED
+    assert other.status is TaskStatus.DISPATCHED  # another silo's task stays with it
+
+
+def test_finished_tasks_are_not_handed_back() -> None:
+    board = TaskBoard()
+    task = _task("a")
+    board.publish([task])
+    board.pull("a", 0)
+    board.finish(task, TaskStatus.DONE)
+    assert board.hand_back("a") == 0
+    assert board.pull("a", 0) is None
+
+
+def test_a_failed_upload_can_be_sent_again_or_the_task_pulled_again() -> None:
+    board = TaskBoard()
+    task = _task("a")
+    board.publish([task])
+    board.pull("a", 0)
+    board.claim(task)
+    board.release(task)  # the upload failed
+    assert board.lookup("a", task.task_id, None) is task  # the same update may come again
+    assert board.pull("a", 0) is task  # or a silo that lost it runs the task again
+    board.claim(task)
+    board.release(task)
+    board.claim(task)  # a retried upload, straight after the failure
+    board.finish(task, TaskStatus.DONE)
+    assert board.pull("a", 0) is None  # the re-queued entry of a finished task is skipped

@@ -1,0 +1,84 @@
+"""The job manager after a crash: what it resumes, and what it must not."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from coordinator.job_manager import ACTIVE, JobManager
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.silo_registry import SiloRegistry
+from coordinator.tasks import TaskBoard
+
+SPEC = """\
+name: crash
+model: {arch: cnn-small, num_classes: 10, in_channels: 1, image_size: 8}
+rounds: 2
+min_silos: 1
+wait_for_silos_s: 60
+"""
+
+
+def _manager(tmp_path: Path) -> JobManager:
+    return JobManager(
+        state_dir=tmp_path / "state",
+        runs_dir=tmp_path / "runs",
+        registry=SiloRegistry(timeout_s=60),
+        board=TaskBoard(),
+        metrics=CoordinatorMetrics.create(),
+    )
+
+
+def _wait_ended(manager: JobManager) -> None:
+    deadline = time.monotonic() + 30
+    while manager.current() is None or manager.current().is_running:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_job_that_ended_is_not_resumed_after_a_crash_during_its_export(
+    tmp_path: Path,
+) -> None:
+    first = _manager(tmp_path)
+    job_id = first.submit(SPEC, submitted_by="admin")
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "state" / "jobs" / job_id / "checkpoints" / "LATEST").exists():
+        assert time.monotonic() < deadline  # round 0 is checkpointed while it waits for silos
+        time.sleep(0.05)
+    first.stop("enough")
+    _wait_ended(first)
+    summary = tmp_path / "runs" / job_id / "summary.json"
+    assert json.loads(summary.read_text())["status"] == "stopped"
+    # The crash: the report was not (fully) written and ACTIVE was not yet removed.
+    summary.unlink()
+    (tmp_path / "state" / ACTIVE).write_text(job_id + "\n")
+
+    second = _manager(tmp_path)
+    assert second.resume_if_any() is None  # not resumed: it had ended
+    assert not (tmp_path / "state" / ACTIVE).exists()
+    assert json.loads(summary.read_text())["status"] == "stopped"  # written again
+    assert (tmp_path / "runs" / job_id / "model.safetensors").exists()
+
+
+def test_an_unreadable_checkpoint_does_not_stop_the_coordinator(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = _manager(tmp_path)
+    job_id = first.submit(SPEC, submitted_by="admin")
+    checkpoints = tmp_path / "state" / "jobs" / job_id / "checkpoints"
+    deadline = time.monotonic() + 30
+    while not (checkpoints / "LATEST").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first.shutdown(grace_s=10)  # suspended: a restart would resume it
+    latest = checkpoints / (checkpoints / "LATEST").read_text().strip()
+    (latest / "state.json").write_text('{"job_id": ')  # damaged by hand, not by a crash
+
+    second = _manager(tmp_path)
+    assert second.resume_if_any() is None
+    assert second.current() is None
+    assert f"cannot resume job {job_id}" in caplog.text
+    assert (tmp_path / "state" / ACTIVE).exists()  # left for the admin to look at
