@@ -123,11 +123,14 @@ def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     register(server)
     if tls is None:
-        log.warning(
-            "%s server on %s is PLAINTEXT: insecure mode (--insecure or insecure: true)",
-            name,
-            address,
-        )
+        if name == "health":  # plaintext by design: kubelet probes have no certificate
+            log.info("%s server on %s is plaintext (health checks only)", name, address)
+        else:
+            log.warning(
+                "%s server on %s is PLAINTEXT: insecure mode (--insecure or insecure: true)",
+                name,
+                address,
+            )
         port = server.add_insecure_port(address)
     else:
         port = server.add_secure_port(address, server_credentials(tls))

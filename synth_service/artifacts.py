@@ -175,6 +175,12 @@ def synthesize(
     return SyntheticDataset(data=_dequantize(images, labels), manifest=manifest)
 
 
+def check_artifact_target(directory: Path) -> None:
+    """Raises ConfigError when ``directory`` already holds an artifact (none is overwritten)."""
+    if (Path(directory) / MANIFEST_NAME).exists():
+        raise ConfigError(f"{directory} already holds a synthetic dataset artifact")
+
+
 def write_artifact(dataset: SyntheticDataset, directory: Path) -> Path:
     """Writes the shards, then the manifest; returns the manifest's path.
 
@@ -183,9 +189,8 @@ def write_artifact(dataset: SyntheticDataset, directory: Path) -> Path:
         ChecksumError: the data does not match the manifest's shard checksums.
     """
     directory = Path(directory)
+    check_artifact_target(directory)
     manifest_path = directory / MANIFEST_NAME
-    if manifest_path.exists():
-        raise ConfigError(f"{directory} already holds a synthetic dataset artifact")
     shards = _encode_shards(
         quantize(dataset.data.x), dataset.data.y, images_per_shard=_shard_size(dataset.manifest)
     )
@@ -218,6 +223,38 @@ def read_manifest(path: Path) -> Manifest:
         raise ValidationError(format_validation_error(exc, source=str(path))) from None
 
 
+def _verified_shard(directory: Path, entry: ShardEntry) -> bytes:
+    """The shard's bytes, once their sha256 matches the manifest's.
+
+    Raises:
+        ValidationError: the manifest names a path instead of a file name.
+        ChecksumError: the shard is missing, unreadable or altered (data lost on the service).
+    """
+    if Path(entry.file).name != entry.file:
+        raise ValidationError(f"shard name {entry.file!r} must be a plain file name")
+    try:
+        payload = (Path(directory) / entry.file).read_bytes()
+    except OSError as exc:
+        raise ChecksumError(f"shard {entry.file} cannot be read: {exc.strerror or exc}") from None
+    actual = hashlib.sha256(payload).hexdigest()
+    if actual != entry.sha256:
+        raise ChecksumError(
+            f"shard {entry.file} is corrupt: sha256 {actual[:16]}..., "
+            f"manifest says {entry.sha256[:16]}..."
+        )
+    return payload
+
+
+def shards_intact(directory: Path, manifest: Manifest) -> bool:
+    """Whether every shard the manifest lists is in ``directory`` with its sha256."""
+    try:
+        for entry in manifest.shards:
+            _verified_shard(directory, entry)
+    except (ChecksumError, ValidationError):
+        return False
+    return True
+
+
 def read_artifact(directory: Path) -> SyntheticDataset:
     """Reads an artifact and verifies every shard's sha256, shapes and labels.
 
@@ -234,18 +271,7 @@ def read_artifact(directory: Path) -> SyntheticDataset:
     labels: list[np.ndarray] = []
     for entry in manifest.shards:
         path = directory / entry.file
-        if Path(entry.file).name != entry.file:
-            raise ValidationError(f"shard name {entry.file!r} must be a plain file name")
-        try:
-            payload = path.read_bytes()
-        except OSError as exc:
-            raise ValidationError(f"cannot read shard {path}: {exc.strerror or exc}") from None
-        actual = hashlib.sha256(payload).hexdigest()
-        if actual != entry.sha256:
-            raise ChecksumError(
-                f"shard {entry.file} is corrupt: sha256 {actual[:16]}..., "
-                f"manifest says {entry.sha256[:16]}..."
-            )
+        payload = _verified_shard(directory, entry)
         try:
             tensors = load(payload)
         except Exception as exc:  # safetensors raises its own error types

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from gptfl import atomic_io
 from gptfl.errors import EXIT_CONFIG, ConfigError
 from gptfl.logging_setup import configure_logging
 from gptfl.service_process import (
@@ -28,9 +29,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ).parse_args(argv)
     try:
         config, _ = load_service_config(SynthConfig, args, env_prefix=ENV_PREFIX, role="synth")
-        resolve_device(config.device)  # "cuda" on a machine without CUDA fails here
     except ConfigError as exc:
         print(f"gptfl-synth: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        resolve_device(config.device)  # "cuda" on a machine without CUDA fails here
+    except ConfigError as exc:
+        print(f"gptfl-synth: {args.config.name}: device: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        atomic_io.ensure_writable_dir(config.data_dir, key="data_dir")
+    except ConfigError as exc:
+        print(f"gptfl-synth: {args.config.name}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(
         fmt=config.log_format,

@@ -22,6 +22,7 @@ from synth_service.artifacts import (
     manifest_sha256,
     read_artifact,
     read_manifest,
+    shards_intact,
     write_artifact,
 )
 
@@ -84,12 +85,15 @@ class DatasetStore:
         target = self.path_of(dataset_id)
         if (target / MANIFEST_NAME).is_file():
             try:
-                same = manifest_sha256(read_manifest(target)) == manifest_sha256(dataset.manifest)
+                stored = read_manifest(target)
+                same = manifest_sha256(stored) == manifest_sha256(dataset.manifest)
             except ValidationError:
                 same = False
-            if same:
+            if same and shards_intact(target, stored):
                 logger.info("dataset %s is already stored", dataset_id[:12])
                 return target
+            if same:
+                logger.warning("dataset %s was stored damaged; writing it again", dataset_id[:12])
         staging = self.root / f".staging-{uuid.uuid4().hex}"
         try:
             write_artifact(dataset, staging)

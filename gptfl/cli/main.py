@@ -14,7 +14,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import pydantic
+
 from gptfl import __version__
+from gptfl.config_loading import format_validation_error
 from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_USAGE, ConfigError, GptflError
 
 # Modules that contribute a sub-command (each has `register(subparsers)`).
@@ -53,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = handler(args)
     except ConfigError as exc:
         print(f"gptfl: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except pydantic.ValidationError as exc:
+        # a command's options validated into a request (gptfl synth generate --steps 0)
+        print(f"gptfl: {format_validation_error(exc, source='options')}", file=sys.stderr)
         return EXIT_CONFIG
     except GptflError as exc:
         print(f"gptfl: {exc}", file=sys.stderr)

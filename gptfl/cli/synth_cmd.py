@@ -95,6 +95,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 def _regenerate(args: argparse.Namespace) -> int:
     # Imported here: loads torch and diffusers (see the module docstring).
     from synth_service.artifacts import (
+        check_artifact_target,
         manifest_sha256,
         read_manifest,
         regenerate,
@@ -115,6 +116,8 @@ def _regenerate(args: argparse.Namespace) -> int:
     def progress(done: int, all_images: int) -> None:
         print(f"\rregenerating: {done}/{all_images} images", end="", file=sys.stderr)
 
+    if args.out is not None:
+        check_artifact_target(args.out)  # before the work, not after it
     try:
         dataset = regenerate(manifest, generator, batch_size=args.batch_size, progress=progress)
     except ChecksumError as exc:

@@ -25,6 +25,7 @@ from synth_service.artifacts import (
 )
 from synth_service.generators import load_generator
 from synth_service.generators.base import Generator
+from synth_service.store import DatasetStore
 
 REQUEST = SynthesisRequest(
     labels=["cat", "dog", "bird"],
@@ -84,7 +85,8 @@ def test_missing_shard_and_tampered_manifest_are_rejected(
 ) -> None:
     write_artifact(made, tmp_path / "a")
     (tmp_path / "a" / "shard-00002.safetensors").unlink()
-    with pytest.raises(ValidationError, match="cannot read shard"):
+    # data lost on the service (DATA_LOSS), not a bad request; no server path in the message
+    with pytest.raises(ChecksumError, match="^shard shard-00002.safetensors cannot be read"):
         read_artifact(tmp_path / "a")
 
     write_artifact(made, tmp_path / "b")
@@ -205,3 +207,17 @@ def test_disk_space_check(tmp_path: Path) -> None:
     check_disk_space(tmp_path / "not" / "yet", needed)
     with pytest.raises(ResourceLimitError, match="not enough disk space"):
         check_disk_space(tmp_path, 1 << 62)
+
+
+def test_a_damaged_stored_dataset_is_written_again(made: SyntheticDataset, tmp_path: Path) -> None:
+    """Generating the same dataset again repairs it instead of reporting it stored."""
+    store = DatasetStore(tmp_path)
+    folder = store.save(made)
+    shard = folder / "shard-00001.safetensors"
+    payload = bytearray(shard.read_bytes())
+    payload[-3] ^= 0x10
+    shard.write_bytes(bytes(payload))
+    with pytest.raises(ChecksumError):
+        store.load(made.manifest.dataset_sha256)
+    assert store.save(made) == folder
+    assert store.load(made.manifest.dataset_sha256).manifest == made.manifest
