@@ -33,7 +33,13 @@ from gptfl.config_loading import StrictModel, format_validation_error
 from gptfl.data.dataset import ArrayDataset
 from gptfl.errors import ChecksumError, ConfigError, ResourceLimitError, ValidationError
 from gptfl.synth_spec import SynthesisRequest
-from synth_service.generators.base import Generator, ImageSpec, ProgressCallback, plan_images
+from synth_service.generators.base import (
+    Generator,
+    ImageSpec,
+    ProgressCallback,
+    StepCheck,
+    plan_images,
+)
 from synth_service.prompts import PromptExpander, build_prompts
 from synth_service.resize import fit_images
 
@@ -110,6 +116,7 @@ def synthesize(
     images_per_shard: int = DEFAULT_IMAGES_PER_SHARD,
     expander: PromptExpander | None = None,
     progress: ProgressCallback | None = None,
+    step_check: StepCheck | None = None,
 ) -> SyntheticDataset:
     """Generates the dataset that ``request`` asks for.
 
@@ -122,6 +129,8 @@ def synthesize(
         images_per_shard: images per stored shard.
         expander: optional text-to-text prompt expander (text-to-image only).
         progress: called with (images done, images total) after each batch.
+        step_check: called before every denoising step; raises to stop (see
+            :meth:`~synth_service.generators.base.Generator.generate`).
 
     Raises:
         ValidationError: a label the generator does not know, or guidance it cannot apply.
@@ -147,7 +156,9 @@ def synthesize(
         guidance_range=(request.guidance_min, request.guidance_max),
         guidance_step=request.guidance_step,
     )
-    images, labels = _render(generator, request, specs, batch_size=batch_size, progress=progress)
+    images, labels = _render(
+        generator, request, specs, batch_size=batch_size, progress=progress, step_check=step_check
+    )
     shards = _encode_shards(images, labels, images_per_shard=images_per_shard)
     label_index = {label: i for i, label in enumerate(request.labels)}
     manifest = Manifest(
@@ -397,9 +408,10 @@ def _render(
     *,
     batch_size: int,
     progress: ProgressCallback | None,
+    step_check: StepCheck | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generates and fits to the task's shape: uint8 images and int64 labels."""
-    raw = generator.generate(specs, batch_size=batch_size, progress=progress)
+    raw = generator.generate(specs, batch_size=batch_size, progress=progress, step_check=step_check)
     fitted = fit_images(
         raw,
         in_channels=request.in_channels,

@@ -386,6 +386,7 @@ class SynthEngine:
             batch_size=batch_size,
             expander=expander,
             progress=on_batch,
+            step_check=check,  # a stop need not wait for the batch in progress
         )
         check()
         emit(SynthProgress("store", 0, 1, "writing the artifact"))

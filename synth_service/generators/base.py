@@ -20,6 +20,8 @@ from gptfl.errors import ConfigError
 
 #: called after each batch with (images done, images total)
 ProgressCallback = Callable[[int, int], None]
+#: called before every denoising step; it raises to stop the work (shutdown, cancellation)
+StepCheck = Callable[[], None]
 
 # Files that describe a model but do not change its outputs; left out of the content hash.
 _NON_CONTENT_SUFFIXES = frozenset({".md", ".png", ".jpg", ".jpeg"})
@@ -86,8 +88,13 @@ class Generator(Protocol):
         *,
         batch_size: int = 16,
         progress: ProgressCallback | None = None,
+        step_check: StepCheck | None = None,
     ) -> np.ndarray:
-        """Renders ``specs``: float32 ``(N, C, H, W)`` images in [0, 1], in ``specs`` order."""
+        """Renders ``specs``: float32 ``(N, C, H, W)`` images in [0, 1], in ``specs`` order.
+
+        ``step_check`` runs before every denoising step, so that a stop does not wait for
+        the batch in progress; what it raises ends the call.
+        """
         ...
 
 

@@ -31,6 +31,7 @@ from gptfl.training import resolve_device
 from synth_service.generators.base import (
     ImageSpec,
     ProgressCallback,
+    StepCheck,
     batches_by_guidance,
     hash_model_directory,
 )
@@ -184,6 +185,7 @@ class ClassConditionalGenerator:
         *,
         batch_size: int = 64,
         progress: ProgressCallback | None = None,
+        step_check: StepCheck | None = None,
     ) -> np.ndarray:
         """Samples one image per spec (the prompt is ignored; the label picks the class).
 
@@ -200,13 +202,13 @@ class ClassConditionalGenerator:
         done = 0
         for batch in batches_by_guidance(specs, batch_size=batch_size):
             chosen = [specs[i] for i in batch]
-            out[batch] = self._sample(chosen)
+            out[batch] = self._sample(chosen, step_check)
             done += len(batch)
             if progress is not None:
                 progress(done, len(specs))
         return out
 
-    def _sample(self, specs: Sequence[ImageSpec]) -> np.ndarray:
+    def _sample(self, specs: Sequence[ImageSpec], step_check: StepCheck | None) -> np.ndarray:
         channels, height, width = self.image_shape
         noise = torch.stack(
             [
@@ -226,6 +228,8 @@ class ClassConditionalGenerator:
         sample = noise * scheduler.init_noise_sigma
         with torch.no_grad():
             for t in scheduler.timesteps:
+                if step_check is not None:
+                    step_check()
                 model_input = torch.cat([sample, sample]) if guided else sample
                 model_input = scheduler.scale_model_input(model_input, t)
                 prediction = self._unet(model_input, t, class_labels=classes).sample

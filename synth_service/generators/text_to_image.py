@@ -33,6 +33,7 @@ from gptfl.training import resolve_device
 from synth_service.generators.base import (
     ImageSpec,
     ProgressCallback,
+    StepCheck,
     batches_by_guidance,
     hash_model_directory,
 )
@@ -190,6 +191,7 @@ class TextToImageGenerator:
         *,
         batch_size: int = 8,
         progress: ProgressCallback | None = None,
+        step_check: StepCheck | None = None,
     ) -> np.ndarray:
         """Renders one image per spec at the configured resolution, RGB in [0, 1].
 
@@ -201,6 +203,16 @@ class TextToImageGenerator:
         side = self._resolution
         out = np.empty((len(specs), 3, side, side), dtype=np.float32)
         done = 0
+        on_step: dict[str, Any] = {}
+        if step_check is not None:
+
+            def after_step(
+                _pipe: Any, _step: int, _timestep: Any, tensors: dict[str, Any]
+            ) -> dict[str, Any]:
+                step_check()
+                return tensors
+
+            on_step["callback_on_step_end"] = after_step
         for batch in batches_by_guidance(specs, batch_size=batch_size):
             chosen = [specs[i] for i in batch]
             # Noise is drawn on the CPU from each image's own seed: reproducible on any device.
@@ -215,6 +227,7 @@ class TextToImageGenerator:
                 width=side,
                 generator=generators,
                 output_type="np",
+                **on_step,
             )
             images = np.asarray(result.images, dtype=np.float32)
             if not np.isfinite(images).all():

@@ -30,7 +30,7 @@ from gptfl.training import evaluate
 from gptfl.weights import specs_of
 from synth_service.artifacts import manifest_sha256, read_artifact, read_manifest, synthesize
 from synth_service.config import SynthConfig
-from synth_service.generators.base import ImageSpec, ProgressCallback
+from synth_service.generators.base import ImageSpec, ProgressCallback, StepCheck
 from synth_service.main import main as synth_main
 from synth_service.pretrain import stratified_split
 from synth_service.prompts import Seq2SeqExpander, build_prompts
@@ -286,9 +286,12 @@ class _QuadrantGenerator:
         *,
         batch_size: int = 16,
         progress: ProgressCallback | None = None,
+        step_check: StepCheck | None = None,
     ) -> np.ndarray:
         out = np.empty((len(specs), 1, 8, 8), dtype=np.float32)
         for i, spec in enumerate(specs):
+            if step_check is not None:
+                step_check()  # one "step" per image
             rng = np.random.default_rng(spec.seed)
             image = rng.uniform(0.0, 0.3, size=(8, 8)).astype(np.float32)
             row, col = divmod(self.label_names.index(spec.label), 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +286,37 @@ def test_the_shipped_digits_generator_is_small_and_draws_every_digit() -> None:
     # Digits: bright strokes on a dark background.
     assert float(np.median(images)) < 0.2
     assert all(float(img.max()) > 0.6 for img in images)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(call: int) -> tuple[list[int], Callable[[], None]]:
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == call:
+            raise _Stop
+
+    return calls, check
+
+
+@pytest.mark.parametrize("backend", ["class-conditional", "text-to-image"])
+def test_a_stop_ends_generation_within_a_step_not_at_the_batch_end(
+    backend: str, tiny_class_conditional_dir: Path, tiny_text_to_image_dir: Path
+) -> None:
+    """So that SIGTERM during a long batch does not wait for it (docs/synth-service.md)."""
+    folder = (
+        tiny_class_conditional_dir if backend == "class-conditional" else tiny_text_to_image_dir
+    )
+    generator = load_generator(backend, folder, device="cpu", num_inference_steps=4)
+    specs = [ImageSpec("cat", "a photo of a cat", seed, 1.0) for seed in range(4)]
+    calls, check = _stop_at(2)
+    with pytest.raises(_Stop):
+        generator.generate(specs, batch_size=4, step_check=check)
+    assert len(calls) == 2  # stopped in the first batch, at its second step
+    counted, count_only = _stop_at(0)  # never stops: one check per step
+    generator.generate(specs[:2], batch_size=2, step_check=count_only)
+    assert len(counted) == 4
