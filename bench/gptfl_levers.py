@@ -49,7 +49,7 @@ from coordinator.strategies import build_strategy
 from gptfl import atomic_io
 from gptfl.cli.demo_cmd import digits_pretrain_section, digits_silos
 from gptfl.data.dataset import ArrayDataset
-from gptfl.data.partition import split_fraction
+from gptfl.data.partition import MAX_PARTITION_ATTEMPTS, split_fraction
 from gptfl.data.sources import SklearnDigitsSource, load_source
 from gptfl.job_spec import StrategySpec
 from gptfl.models import ModelSpec, build_model
@@ -308,7 +308,7 @@ def balanced_dirichlet_parts(
     """
     rng = np.random.default_rng(seed)
     fair_share = labels.shape[0] / count
-    while True:
+    for _ in range(MAX_PARTITION_ATTEMPTS):
         parts: list[list[int]] = [[] for _ in range(count)]
         for cls in np.unique(labels):
             members = rng.permutation(np.flatnonzero(labels == cls))
@@ -321,6 +321,7 @@ def balanced_dirichlet_parts(
                 part.extend(chunk.tolist())
         if min(len(p) for p in parts) >= 10:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    raise ValueError(f"no capped Dirichlet(alpha={alpha}) split gave every part >= 10 examples")
 
 
 def _silo_parts(fl: FlSettings, seed: int) -> list[tuple[str, ArrayDataset, float]]:
@@ -360,25 +361,15 @@ def silo_data(fl: FlSettings, seed: int) -> list[tuple[str, ArrayDataset]]:
     return out
 
 
-def standardized(
-    silos: list[tuple[str, ArrayDataset]], test: ArrayDataset
+def rescaled(
+    silos: list[tuple[str, ArrayDataset]], test: ArrayDataset, *, shift: float, divisor: float
 ) -> tuple[list[tuple[str, ArrayDataset]], ArrayDataset]:
-    pooled = np.concatenate([np.asarray(d.x) for _, d in silos])
-    mean, std = float(pooled.mean()), float(pooled.std())
+    """Every input (silos and test set alike) as ``(x - shift) / divisor``."""
 
-    def scale(d: ArrayDataset) -> ArrayDataset:
-        return ArrayDataset(x=((np.asarray(d.x) - mean) / std).astype(np.float32), y=d.y)
+    def apply(d: ArrayDataset) -> ArrayDataset:
+        return ArrayDataset(x=((np.asarray(d.x) - shift) / divisor).astype(np.float32), y=d.y)
 
-    return [(s, scale(d)) for s, d in silos], scale(test)
-
-
-def scaled(
-    silos: list[tuple[str, ArrayDataset]], test: ArrayDataset, factor: float
-) -> tuple[list[tuple[str, ArrayDataset]], ArrayDataset]:
-    def scale(d: ArrayDataset) -> ArrayDataset:
-        return ArrayDataset(x=(np.asarray(d.x) * factor).astype(np.float32), y=d.y)
-
-    return [(s, scale(d)) for s, d in silos], scale(test)
+    return [(s, apply(d)) for s, d in silos], apply(test)
 
 
 def test_accuracy(weights: WeightMap, test: ArrayDataset) -> float:
@@ -390,10 +381,11 @@ def test_accuracy(weights: WeightMap, test: ArrayDataset) -> float:
 def federate(start: WeightMap, fl: FlSettings, seed: int, test: ArrayDataset) -> list[float]:
     """Test accuracy after each round, as the coordinator and silo agents compute it."""
     silos = silo_data(fl, seed)
-    if fl.standardize:
-        silos, test = standardized(silos, test)
-    if fl.input_scale != 1.0:
-        silos, test = scaled(silos, test, fl.input_scale)
+    if fl.standardize:  # with the pooled training mean and std
+        pooled = np.concatenate([np.asarray(d.x) for _, d in silos])
+        silos, test = rescaled(silos, test, shift=float(pooled.mean()), divisor=float(pooled.std()))
+    if fl.input_scale != 1.0:  # 16: exactly x * 16 (a power of two)
+        silos, test = rescaled(silos, test, shift=0.0, divisor=1.0 / fl.input_scale)
     strategy = build_strategy(fl.strategy)
     weights = {k: v.clone() for k, v in start.items()}
     model = build_model(MODEL)

@@ -631,6 +631,15 @@ def identity_from_pem(cert_pem: bytes) -> Identity:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except (ValueError, TypeError):
         raise PkiError("not a PEM certificate") from None
+    return identity_of(cert)
+
+
+def identity_of(cert: x509.Certificate) -> Identity:
+    """The identity a parsed certificate carries (see :func:`identity_from_pem`).
+
+    Raises:
+        PkiError: no single CN, or no known role in the OU.
+    """
     common_name = _common_name_of(cert)
     if not common_name:
         raise PkiError("certificate has no single common name")

@@ -110,10 +110,13 @@ def start_server(
     register: Callable[[grpc.Server], None],
     max_workers: int = 64,
     name: str = "grpc",
+    warn_plaintext: bool = True,
 ) -> Server:
     """Builds, binds and starts a server; ``register`` adds the servicers.
 
     An address ending in ``:0`` binds an ephemeral port (tests); the bound port is returned.
+    Without ``tls`` the server is plaintext, which is logged as a warning about insecure
+    mode unless ``warn_plaintext`` is false (a server that is plaintext by design).
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name),
@@ -123,9 +126,7 @@ def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     register(server)
     if tls is None:
-        if name == "health":  # plaintext by design: kubelet probes have no certificate
-            log.info("%s server on %s is plaintext (health checks only)", name, address)
-        else:
+        if warn_plaintext:
             log.warning(
                 "%s server on %s is PLAINTEXT: insecure mode (--insecure or insecure: true)",
                 name,
@@ -149,7 +150,15 @@ def start_health_server(address: str) -> Server:
     Kubelet's gRPC probes cannot present client certificates, so probes target this port;
     the owner flips it to NOT_SERVING together with its other servers on shutdown.
     """
-    return start_server(address, tls=None, register=lambda _s: None, max_workers=4, name="health")
+    log.info("health server on %s is plaintext (health checks only)", address)
+    return start_server(
+        address,
+        tls=None,
+        register=lambda _s: None,
+        max_workers=4,
+        name="health",
+        warn_plaintext=False,  # kubelet probes have no certificate
+    )
 
 
 def abort(context: grpc.ServicerContext, error: GptflError) -> NoReturn:

@@ -92,8 +92,8 @@ def start_metrics_http(address: str, registry: CollectorRegistry) -> int | None:
     host, _, port = address.rpartition(":")
     try:
         server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
-    except (OSError, OverflowError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    except OSError as exc:  # the address itself was checked when the config was loaded
+        reason = exc.strerror or exc
         raise ConfigError(f"metrics_address: cannot listen on {address}: {reason}") from None
     bound: int = server.server_port
     return bound

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from gptfl.config_loading import StrictModel, resolve_path
 from gptfl.errors import PkiError
@@ -13,12 +15,14 @@ from gptfl.pki import (
     KEY_FILE,
     Identity,
     TlsFiles,
-    identity_from_pem,
+    identity_of,
     key_matches,
     load_certificate,
     load_private_key,
     verify_issued_by,
 )
+
+T = TypeVar("T")
 
 
 class TlsConfig(StrictModel):
@@ -44,21 +48,15 @@ class TlsConfig(StrictModel):
             PkiError: one line naming the key (``tls.ca``, ``tls.cert`` or ``tls.key``).
         """
 
-        def named(key: str, problem: PkiError) -> PkiError:
-            return PkiError(f"tls.{key}: {problem}")
+        def named(key: str, load: Callable[[Path], T], path: Path) -> T:
+            try:
+                return load(path)
+            except PkiError as exc:
+                raise PkiError(f"tls.{key}: {exc}") from None
 
-        try:
-            ca = load_certificate(self.ca)
-        except PkiError as exc:
-            raise named("ca", exc) from None
-        try:
-            cert = load_certificate(self.cert)
-        except PkiError as exc:
-            raise named("cert", exc) from None
-        try:
-            key = load_private_key(self.key)
-        except PkiError as exc:
-            raise named("key", exc) from None
+        ca = named("ca", load_certificate, self.ca)
+        cert = named("cert", load_certificate, self.cert)
+        key = named("key", load_private_key, self.key)
         if not key_matches(key, cert):
             raise PkiError(f"tls.key: {self.key} is not the key of the certificate {self.cert}")
         try:
@@ -71,10 +69,7 @@ class TlsConfig(StrictModel):
             raise PkiError(f"tls.cert: {self.cert} is not valid before {start:%Y-%m-%d %H:%M} UTC")
         if moment > end:
             raise PkiError(f"tls.cert: {self.cert} expired on {end:%Y-%m-%d %H:%M} UTC")
-        try:
-            identity = identity_from_pem(self.cert.read_bytes())
-        except PkiError as exc:
-            raise named("cert", exc) from None
+        identity = named("cert", lambda _path: identity_of(cert), self.cert)
         if identity.role != role:
             raise PkiError(
                 f"tls.cert: {self.cert} is for role {identity.role!r} "

@@ -111,6 +111,7 @@ class SiloAgent:
 
     def _register(self, client: FleetClient) -> fleet_pb2.RegisterReply:
         """Tells the coordinator who we are and how much data we hold (known once loaded)."""
+        self._counts_changed = False  # the counts sent now are the current ones
         num_train, num_eval = self.data.counts()
         return client.register(
             agent_version=__version__,
@@ -155,7 +156,6 @@ class SiloAgent:
         """Pulls and runs tasks; True when the agent should exit (job over, exit_after_job)."""
         while not stop.is_set():
             if self._counts_changed:
-                self._counts_changed = False
                 self._register(client)
             pulled = client.pull_task(self.config.poll_wait_s)
             if pulled.task is not None:

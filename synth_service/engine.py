@@ -373,7 +373,6 @@ class SynthEngine:
             last[:] = [done, now]
             self._record_gpu_memory()
             emit(SynthProgress("generate", done, all_images, f"{done}/{all_images} images"))
-            check()
 
         batch_size = (
             self.config.class_conditional_batch_size
@@ -386,7 +385,7 @@ class SynthEngine:
             batch_size=batch_size,
             expander=expander,
             progress=on_batch,
-            step_check=check,  # a stop need not wait for the batch in progress
+            step_check=check,  # before every denoising step: no wait for a whole batch
         )
         check()
         emit(SynthProgress("store", 0, 1, "writing the artifact"))

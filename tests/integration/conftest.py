@@ -8,10 +8,12 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 
 from coordinator.config import CoordinatorConfig
 from coordinator.job_runner import InitialModel
 from coordinator.server import Coordinator, start_coordinator
+from gptfl.local_cluster import LocalCluster
 from gptfl.pki import init_pki, participant_files
 from gptfl.rpc import open_channel
 from gptfl.tls_config import TlsConfig
@@ -62,3 +64,14 @@ def start(pki_dir: Path, tmp_path: Path) -> Iterator[StartCoordinator]:
 
 def silo_channel(pki_dir: Path, silo: str, port: int) -> grpc.Channel:
     return open_channel(f"127.0.0.1:{port}", tls=participant_files(pki_dir, "silo", silo))
+
+
+def start_and_submit(cluster: LocalCluster, spec: dict[str, Any]) -> str:
+    """Provisions ``cluster``, starts its coordinator and every silo, submits ``spec`` once
+    the coordinator answers; returns the job id."""
+    cluster.provision()
+    cluster.start_coordinator()
+    cluster.start_silos()
+    with cluster.admin() as admin:
+        admin.status(wait_for_ready=True)
+        return admin.submit(yaml.safe_dump(spec))

@@ -11,7 +11,6 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-import yaml
 
 from coordinator.initial_model import random_initial_model
 from gptfl.cli.demo_cmd import digits_job_spec, digits_silos
@@ -23,6 +22,7 @@ from gptfl.pki import participant_files
 from gptfl.proto.v1 import admin_pb2, admin_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 from gptfl.rpc import open_channel
 from gptfl.training import evaluate
+from tests.integration.conftest import start_and_submit
 
 pytestmark = pytest.mark.slow
 
@@ -43,12 +43,8 @@ def test_three_silos_two_rounds_learn_over_mtls(tmp_path: Path) -> None:
     plans = digits_silos(count=3, alpha=0.5, seed=0)
     cluster = LocalCluster(tmp_path / "work", silos=plans, runs_dir=tmp_path / "runs")
     try:
-        cluster.provision()
-        cluster.start_coordinator()
-        cluster.start_silos()
+        job_id = start_and_submit(cluster, spec_dict)
         with cluster.admin() as admin:
-            admin.status(wait_for_ready=True)
-            job_id = admin.submit(yaml.safe_dump(spec_dict))
             deadline = time.monotonic() + 240
             status = admin.status()
             while not status.ended and time.monotonic() < deadline:

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from gptfl.cli.demo_cmd import digits_job_spec, digits_silos
 from gptfl.local_cluster import LocalCluster
+from tests.integration.conftest import start_and_submit
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
@@ -34,12 +34,8 @@ def test_sigkill_mid_job_resumes_without_counting_a_round_twice(tmp_path: Path) 
         tmp_path / "work", silos=plans, runs_dir=tmp_path / "runs", coordinator_extra=fixed
     )
     try:
-        cluster.provision()
-        cluster.start_coordinator()
-        cluster.start_silos()
+        job_id = start_and_submit(cluster, spec)
         with cluster.admin() as admin:
-            admin.status(wait_for_ready=True)
-            job_id = admin.submit(yaml.safe_dump(spec))
             deadline = time.monotonic() + 120
             while len(admin.status().rounds) < 2:
                 assert time.monotonic() < deadline, cluster.log_tail("coordinator")

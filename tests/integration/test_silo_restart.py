@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from gptfl.cli.demo_cmd import digits_job_spec, digits_silos
 from gptfl.local_cluster import LocalCluster
+from tests.integration.conftest import start_and_submit
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
@@ -29,12 +29,8 @@ def test_a_silo_killed_mid_task_gets_the_task_again_after_a_restart(tmp_path: Pa
     victim = plans[0].silo_id
     cluster = LocalCluster(tmp_path / "work", silos=plans, runs_dir=tmp_path / "runs")
     try:
-        cluster.provision()
-        cluster.start_coordinator()
-        cluster.start_silos()
+        job_id = start_and_submit(cluster, spec)
         with cluster.admin() as admin:
-            admin.status(wait_for_ready=True)
-            job_id = admin.submit(yaml.safe_dump(spec))
             deadline = time.monotonic() + 120
             while not any(s.silo_id == victim and s.state == "training" for s in admin.silos()):
                 assert time.monotonic() < deadline, cluster.log_tail("coordinator")
