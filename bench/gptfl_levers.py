@@ -51,7 +51,7 @@ from gptfl.cli.demo_cmd import digits_pretrain_section, digits_silos
 from gptfl.data.dataset import ArrayDataset
 from gptfl.data.partition import MAX_PARTITION_ATTEMPTS, split_fraction
 from gptfl.data.sources import SklearnDigitsSource, load_source
-from gptfl.job_spec import StrategySpec
+from gptfl.job_spec import StrategySpec, strategy_spec
 from gptfl.models import ModelSpec, build_model
 from gptfl.synth_spec import PretrainSettings
 from gptfl.training import TrainSettings, evaluate, train_local
@@ -78,7 +78,7 @@ class FlSettings:
     learning_rate: float = 0.05
     batch_size: int = 32
     epochs: int = 1
-    strategy: StrategySpec = StrategySpec()
+    strategy: StrategySpec = strategy_spec()
     #: learning rate per round (1-based) instead of the constant ``learning_rate``
     schedule: Callable[[int], float] | None = None
     #: fraction of each silo's part held out for federated evaluation; None: the demo's setting
@@ -152,7 +152,7 @@ def _cosine_over_rounds(rounds: int, peak: float) -> Callable[[int], float]:
     return lambda r: peak * 0.5 * (1 + math.cos(math.pi * (r - 1) / rounds))
 
 
-FEDADAM = StrategySpec(name="fedadam", server_learning_rate=0.01)
+FEDADAM = strategy_spec(name="fedadam", server_learning_rate=0.01)
 
 VARIANTS: dict[str, Variant] = {
     "scratch": Variant("FL from a seeded random initialisation", pretrained=False),

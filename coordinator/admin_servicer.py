@@ -68,6 +68,17 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             summary_json=json.dumps(view.summary) if view.summary is not None else "",
         )
         if view.state is not None:
+            for silo_id, silo in sorted(view.state.silos.items()):
+                if silo.tasks_declined:
+                    reply.declines.append(
+                        admin_pb2.SiloDeclines(
+                            silo_id=silo_id,
+                            count=silo.tasks_declined,
+                            last_kind=silo.last_decline_kind,
+                            last_reason=silo.last_decline_reason,
+                            last_round=silo.last_decline_round,
+                        )
+                    )
             for r in view.state.rounds:
                 reply.rounds.append(
                     admin_pb2.RoundSummary(

@@ -12,11 +12,11 @@ from typing import Any
 import grpc
 
 from coordinator.job_manager import JobManager
-from coordinator.job_runner import EvaluationResult, UpdateHeader
 from coordinator.job_state import Phase
 from coordinator.silo_registry import SiloRegistry
 from gptfl import __version__, serde
 from gptfl.errors import StaleTaskError, ValidationError
+from gptfl.fleet_messages import FleetPhase, PullReply, RegisterAck, UploadResult
 from gptfl.identity import caller_identity, require_role
 from gptfl.proto.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
 from gptfl.rpc import maps_errors, maps_stream_errors
@@ -26,14 +26,15 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_MS = 60_000
 
+#: what silos are told of a job's phase (a pending job is about to pretrain)
 _PHASES = {
-    Phase.NO_JOB: fleet_pb2.JOB_PHASE_NO_JOB,
-    Phase.PENDING: fleet_pb2.JOB_PHASE_PRETRAIN,
-    Phase.PRETRAIN: fleet_pb2.JOB_PHASE_PRETRAIN,
-    Phase.FEDERATING: fleet_pb2.JOB_PHASE_FEDERATING,
-    Phase.FINISHED: fleet_pb2.JOB_PHASE_FINISHED,
-    Phase.FAILED: fleet_pb2.JOB_PHASE_FAILED,
-    Phase.STOPPED: fleet_pb2.JOB_PHASE_STOPPED,
+    Phase.NO_JOB: FleetPhase.NO_JOB,
+    Phase.PENDING: FleetPhase.PRETRAIN,
+    Phase.PRETRAIN: FleetPhase.PRETRAIN,
+    Phase.FEDERATING: FleetPhase.FEDERATING,
+    Phase.FINISHED: FleetPhase.FINISHED,
+    Phase.FAILED: FleetPhase.FAILED,
+    Phase.STOPPED: FleetPhase.STOPPED,
 }
 
 
@@ -48,7 +49,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     ) -> None:
         self._jobs = jobs
         self._registry = registry
-        self._heartbeat_ms = int(heartbeat_interval_s * 1000)
+        self._heartbeat_s = heartbeat_interval_s
         self._insecure = insecure
 
     def _silo(self, context: grpc.ServicerContext, state: str | None = None) -> str:
@@ -63,24 +64,27 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     ) -> fleet_pb2.RegisterReply:
         identity = caller_identity(context, insecure=self._insecure)
         require_role(identity, "silo")
+        registration = serde.registration_from_pb(request)
         self._registry.register(
             identity.common_name,
-            agent_version=request.agent_version,
-            device=request.device,
-            num_train_examples=request.num_train_examples,
-            num_eval_examples=request.num_eval_examples,
+            agent_version=registration.agent_version,
+            device=registration.device,
+            num_train_examples=registration.num_train_examples,
+            num_eval_examples=registration.num_eval_examples,
         )
         log.info(
             "silo %s registered (%s, %d training examples)",
             identity.common_name,
-            request.device or "?",
-            request.num_train_examples,
+            registration.device or "?",
+            registration.num_train_examples,
         )
         self._jobs.silo_registered(identity.common_name)
-        return fleet_pb2.RegisterReply(
-            silo_id=identity.common_name,
-            heartbeat_interval_ms=self._heartbeat_ms,
-            coordinator_version=__version__,
+        return serde.register_ack_to_pb(
+            RegisterAck(
+                silo_id=identity.common_name,
+                heartbeat_interval_s=self._heartbeat_s,
+                coordinator_version=__version__,
+            )
         )
 
     @maps_errors
@@ -97,19 +101,23 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         silo = self._silo(context)
         runner = self._jobs.current()
         if runner is None:
-            return fleet_pb2.PullTaskReply(phase=fleet_pb2.JOB_PHASE_NO_JOB, retry_after_ms=1000)
+            return serde.pull_reply_to_pb(
+                PullReply(phase=FleetPhase.NO_JOB, job_id="", task=None, retry_after_s=1.0)
+            )
         wait_s = min(request.wait_ms, MAX_WAIT_MS) / 1000
         remaining = context.time_remaining()
         if remaining is not None:
             wait_s = max(0.0, min(wait_s, remaining - 1.0))  # answer before the caller gives up
         task = runner.pull_task(silo, wait_s) if not runner.state.phase.terminal else None
         self._registry.touch(silo)
-        reply = fleet_pb2.PullTaskReply(
-            phase=_PHASES[runner.state.phase], job_id=runner.job_id, retry_after_ms=0
+        return serde.pull_reply_to_pb(
+            PullReply(
+                phase=_PHASES[runner.state.phase],
+                job_id=runner.job_id,
+                task=task.spec() if task is not None else None,
+                retry_after_s=0.0,
+            )
         )
-        if task is not None:
-            reply.task.CopyFrom(serde.task_to_pb(task.spec()))
-        return reply
 
     @maps_stream_errors
     def DownloadModel(
@@ -128,13 +136,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         first = next(request_iterator, None)
         if first is None or isinstance(first, Chunk) or first.WhichOneof("part") != "header":
             raise ValidationError("an upload must start with its header")
-        header = UpdateHeader(
-            task_id=first.header.task_id,
-            round=first.header.round,
-            num_examples=first.header.num_examples,
-            train_metrics=serde.metrics_from_pb(first.header.train_metrics),
-            train_seconds=first.header.train_seconds,
-        )
+        header = serde.update_header_from_pb(first.header)
         # Waits for an upload slot; the round ends the call if it closes while the slot is held.
         with runner.admit_update(silo, header, cancel=context.cancel) as receive:
             yield fleet_pb2.UploadReply(ready=True)
@@ -144,22 +146,14 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 raise StaleTaskError(
                     f"the upload of task {header.task_id} ended before it was complete"
                 ) from None
-        yield fleet_pb2.UploadReply(accepted=True, message="update accepted")
+        yield serde.upload_result_to_pb(UploadResult(accepted=True, message="update accepted"))
 
     @maps_errors
     def ReportEvaluation(
         self, request: fleet_pb2.EvaluationReport, context: grpc.ServicerContext
     ) -> fleet_pb2.Ack:
         silo = self._silo(context)
-        self._jobs.active().receive_evaluation(
-            silo,
-            EvaluationResult(
-                task_id=request.task_id,
-                round=request.round,
-                num_examples=request.num_examples,
-                metrics=serde.metrics_from_pb(request.metrics),
-            ),
-        )
+        self._jobs.active().receive_evaluation(silo, serde.evaluation_report_from_pb(request))
         return fleet_pb2.Ack()
 
     @maps_errors
@@ -167,9 +161,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self, request: fleet_pb2.DeclineTaskRequest, context: grpc.ServicerContext
     ) -> fleet_pb2.Ack:
         silo = self._silo(context)
-        if not request.reason:
-            raise ValidationError("a declined task needs a reason")
-        self._jobs.active().decline(silo, request.task_id, request.reason)
+        self._jobs.active().decline(silo, serde.decline_from_pb(request))
         return fleet_pb2.Ack()
 
 

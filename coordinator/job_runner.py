@@ -14,7 +14,7 @@ import random
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -42,6 +42,7 @@ from coordinator.tasks import ModelVersion, TaskBoard, TaskRecord, TaskStatus
 from coordinator.upload_slots import UploadSlots
 from gptfl import atomic_io
 from gptfl.errors import GptflError, StaleTaskError, StalledUploadError, ValidationError
+from gptfl.fleet_messages import Decline, EvaluationReport, UpdateHeader
 from gptfl.job_spec import JobSpec
 from gptfl.task import LocalSettings, TaskKind
 from gptfl.weights import (
@@ -64,23 +65,6 @@ class JobFailed(Exception):
 
 class JobInterrupted(Exception):
     """The job was stopped (or the coordinator began shutting down) during a long phase."""
-
-
-@dataclass(frozen=True)
-class UpdateHeader:
-    task_id: str
-    round: int
-    num_examples: int
-    train_metrics: Mapping[str, float]
-    train_seconds: float
-
-
-@dataclass(frozen=True)
-class EvaluationResult:
-    task_id: str
-    round: int
-    num_examples: int
-    metrics: Mapping[str, float]
 
 
 @dataclass
@@ -153,7 +137,7 @@ class JobRunner:
         self._stop_reason = ""
         self._suspended = False
         self._round: _RoundProgress | None = None
-        self._eval_results: dict[str, EvaluationResult] = {}
+        self._eval_results: dict[str, EvaluationReport] = {}
         self._global: ModelVersion | None = None
         self._thread = threading.Thread(target=self._run, name=f"job-{job_id}", daemon=True)
         if resume_from is not None:
@@ -351,7 +335,7 @@ class JobRunner:
                 summary.last_round = task.round
             return True
 
-    def receive_evaluation(self, silo_id: str, result: EvaluationResult) -> None:
+    def receive_evaluation(self, silo_id: str, result: EvaluationReport) -> None:
         try:
             task = self._board.lookup(silo_id, result.task_id, TaskKind.EVALUATE)
             for key in ("loss", "accuracy"):
@@ -369,11 +353,27 @@ class JobRunner:
             self._count_rejection(silo_id, exc)
             raise
 
-    def decline(self, silo_id: str, task_id: str, reason: str) -> None:
-        task = self._board.lookup(silo_id, task_id, None)
-        self._board.finish(task, TaskStatus.DECLINED, reason[:500])
+    def decline(self, silo_id: str, decline: Decline) -> None:
+        """A silo declines one of its open tasks: recorded with its reason (verbatim, cut to
+        500 characters), counted by kind, and shown by ``gptfl admin status``."""
+        task = self._board.lookup(silo_id, decline.task_id, None)
+        reason = decline.reason[:500]
+        if not self._board.finish(task, TaskStatus.DECLINED, reason):
+            return
+        self._metrics.tasks_declined.labels(kind=decline.kind).inc()
+        with self._lock:
+            summary = self.state.silos.setdefault(silo_id, SiloSummary())
+            summary.tasks_declined += 1
+            summary.last_decline_kind = decline.kind
+            summary.last_decline_reason = reason
+            summary.last_decline_round = task.round
         log.warning(
-            "silo %s declined task %s (round %d): %s", silo_id, task_id, task.round, reason[:500]
+            "silo %s declined task %s (round %d, %s): %s",
+            silo_id,
+            decline.task_id,
+            task.round,
+            decline.kind,
+            reason,
         )
 
     # ---- the job thread ---------------------------------------------------------------
@@ -505,19 +505,13 @@ class JobRunner:
         return sorted(rng.sample(connected, min(count, len(connected))))
 
     def _local_settings(self, number: int, silo_id: str) -> LocalSettings:
-        local = self.spec.local
-        overrides = self._strategy.local_overrides()
-        return LocalSettings(
-            epochs=local.epochs,
-            batch_size=local.batch_size,
-            learning_rate=local.learning_rate,
-            momentum=local.momentum,
-            weight_decay=local.weight_decay,
-            proximal_mu=overrides.get("proximal_mu", 0.0),
+        settings = LocalSettings(
+            **self.spec.local.model_dump(),
             # crc32, not hash(): str hashes differ per process, and a restarted coordinator
             # must hand out the same seeds.
             seed=zlib.crc32(f"{self.spec.seed}:{number}:{silo_id}".encode()) & 0x7FFFFFFF,
         )
+        return self._strategy.configure_local(settings)
 
     def _make_tasks(self, number: int, kind: TaskKind, silos: list[str]) -> list[TaskRecord]:
         assert self._global is not None

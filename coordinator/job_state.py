@@ -77,6 +77,11 @@ class SiloSummary:
     updates_rejected: int = 0
     #: the last round whose update from this silo was accepted (0: none yet)
     last_round: int = 0
+    #: tasks this silo declined, and the latest decline: its kind, reason and round
+    tasks_declined: int = 0
+    last_decline_kind: str = ""
+    last_decline_reason: str = ""
+    last_decline_round: int = 0
 
 
 #: the job's final state, written in its folder before the report: a coordinator that

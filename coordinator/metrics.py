@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from coordinator.job_state import Phase
-from gptfl.errors import all_reasons
+from gptfl.errors import DECLINE_KINDS, all_reasons
 
 ROUND_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 AGGREGATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -32,6 +32,7 @@ class CoordinatorMetrics:
     silos_connected: Gauge
     updates_accepted: Counter
     updates_rejected: Counter
+    tasks_declined: Counter
     bytes_received: Counter
     bytes_sent: Counter
     aggregation_seconds: Histogram
@@ -48,6 +49,8 @@ class CoordinatorMetrics:
         # first rejection, and keep dashboards from showing "no data".
         for reason in all_reasons():
             metrics.updates_rejected.labels(reason=reason)
+        for kind in DECLINE_KINDS:
+            metrics.tasks_declined.labels(kind=kind)
         for phase in Phase:
             metrics.job_phase.labels(phase=phase.value).set(1 if phase is Phase.NO_JOB else 0)
         return metrics
@@ -93,6 +96,12 @@ class CoordinatorMetrics:
                 "gptfl_updates_rejected_total",
                 "Silo updates or reports rejected, by reason.",
                 ["reason"],
+                registry=reg,
+            ),
+            tasks_declined=Counter(
+                "gptfl_tasks_declined_total",
+                "Tasks silos declined, by the kind of reason they gave (privacy_budget, ...).",
+                ["kind"],
                 registry=reg,
             ),
             bytes_received=Counter(

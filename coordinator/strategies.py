@@ -1,10 +1,14 @@
 """Aggregation strategies behind one interface.
 
 A strategy decides two things: what the silos are told for local training
-(:meth:`Strategy.local_overrides`, e.g. FedProx's ``mu``) and how the sample-weighted average
+(:meth:`Strategy.configure_local`, e.g. FedProx's ``mu``) and how the sample-weighted average
 of the silo models becomes the next global model (:meth:`Strategy.apply`). The averaging
 itself happens in :class:`coordinator.aggregation.RunningSum`, so every strategy works with
 streamed (and, later, securely summed) updates.
+
+Strategies compose: a :class:`StrategyWrapper` (differential privacy, robust clipping) holds
+another strategy, adjusts what it needs and passes the rest through, so a wrapper's change to
+the local settings survives the strategies around it.
 
 Server optimizers follow Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2,
 with ``delta = average - global`` (the negative pseudo-gradient) and no bias correction::
@@ -21,12 +25,14 @@ FedAvgM (Hsu et al. 2019): ``velocity = momentum * velocity + delta``,
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
-from gptfl.job_spec import StrategySpec
+from gptfl.job_spec import AdaptiveSpec, FedAvgMSpec, FedAvgSpec, FedProxSpec, StrategySpec
+from gptfl.task import LocalSettings
 from gptfl.weights import WeightMap
 
 
@@ -35,9 +41,13 @@ class Strategy(ABC):
 
     name: str = "base"
 
-    def local_overrides(self) -> dict[str, float]:
-        """Settings sent to the silos on top of the job's local training settings."""
-        return {}
+    def configure_local(self, settings: LocalSettings) -> LocalSettings:
+        """The local training settings a silo is sent, from the job's (the one hook).
+
+        Returns ``settings`` changed where this strategy needs it (``dataclasses.replace``),
+        every other field as it came: a wrapper calls its inner strategy's hook first.
+        """
+        return settings
 
     @abstractmethod
     def apply(self, global_weights: Mapping[str, torch.Tensor], average: WeightMap) -> WeightMap:
@@ -51,6 +61,42 @@ class Strategy(ABC):
         """Restores what :meth:`state_dict` returned."""
         if state:
             raise ValueError(f"strategy {self.name} keeps no state, got {sorted(state)[:3]}")
+
+
+class StrategyWrapper(Strategy):
+    """A strategy around another: everything passes through to ``inner`` unless overridden.
+
+    Subclasses override what they change and call ``self.inner`` for the rest, so wrappers
+    stack (``DpWrapper(ClipWrapper(FedAdam(...)))``) and each keeps the others' changes.
+    Checkpointed state is the inner strategy's, under ``inner/``, beside the wrapper's own.
+    """
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+        self.name = f"{type(self).__name__}({inner.name})"
+
+    def configure_local(self, settings: LocalSettings) -> LocalSettings:
+        return self.inner.configure_local(settings)
+
+    def apply(self, global_weights: Mapping[str, torch.Tensor], average: WeightMap) -> WeightMap:
+        return self.inner.apply(global_weights, average)
+
+    def own_state_dict(self) -> dict[str, torch.Tensor]:
+        """The wrapper's own state (none by default)."""
+        return {}
+
+    def load_own_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"strategy {self.name} keeps no state, got {sorted(state)[:3]}")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        inner = {f"inner/{k}": v for k, v in self.inner.state_dict().items()}
+        return {**self.own_state_dict(), **inner}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        inner = {k.removeprefix("inner/"): v for k, v in state.items() if k.startswith("inner/")}
+        self.inner.load_state_dict(inner)
+        self.load_own_state_dict({k: v for k, v in state.items() if not k.startswith("inner/")})
 
 
 def _cast_like(
@@ -80,8 +126,8 @@ class FedProx(FedAvg):
     def __init__(self, proximal_mu: float) -> None:
         self.proximal_mu = proximal_mu
 
-    def local_overrides(self) -> dict[str, float]:
-        return {"proximal_mu": self.proximal_mu}
+    def configure_local(self, settings: LocalSettings) -> LocalSettings:
+        return dataclasses.replace(settings, proximal_mu=self.proximal_mu)
 
 
 class _ServerOptimizer(Strategy):
@@ -182,26 +228,27 @@ class FedYogi(_Adaptive):
 
 def build_strategy(spec: StrategySpec) -> Strategy:
     """The strategy a job spec names, with its settings."""
-    adaptive = {
-        "server_learning_rate": spec.server_learning_rate,
-        "beta1": spec.beta1,
-        "beta2": spec.beta2,
-        "tau": spec.tau,
-    }
-    match spec.name:
-        case "fedavg":
+    match spec:
+        case FedAvgSpec():
             return FedAvg()
-        case "fedprox":
+        case FedProxSpec():
             return FedProx(spec.proximal_mu)
-        case "fedavgm":
+        case FedAvgMSpec():
             return FedAvgM(
                 server_learning_rate=spec.server_learning_rate,
                 server_momentum=spec.server_momentum,
             )
-        case "fedadam":
-            return FedAdam(**adaptive)
-        case "fedyogi":
-            return FedYogi(**adaptive)
-        case "fedadagrad":
-            return FedAdagrad(**adaptive)
-    raise AssertionError(f"unhandled strategy {spec.name}")  # the spec's Literal forbids this
+        case AdaptiveSpec():
+            adaptive = {
+                "server_learning_rate": spec.server_learning_rate,
+                "beta1": spec.beta1,
+                "beta2": spec.beta2,
+                "tau": spec.tau,
+            }
+            optimizers: dict[str, Callable[..., Strategy]] = {
+                "fedadam": FedAdam,
+                "fedyogi": FedYogi,
+                "fedadagrad": FedAdagrad,
+            }
+            return optimizers[spec.name](**adaptive)
+    raise AssertionError(f"unhandled strategy {spec}")  # the spec's union forbids this

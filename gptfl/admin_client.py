@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,17 @@ class RoundView:
 
 
 @dataclass(frozen=True)
+class DeclineView:
+    """A silo's declined tasks in the job: how many, and the latest one's kind and reason."""
+
+    silo_id: str
+    count: int
+    last_kind: str
+    last_reason: str
+    last_round: int
+
+
+@dataclass(frozen=True)
 class StatusView:
     job_id: str
     phase: str
@@ -41,6 +52,7 @@ class StatusView:
     silos_connected: int
     rounds: list[RoundView]
     summary: dict[str, Any] | None
+    declines: list[DeclineView] = field(default_factory=list)
 
     @property
     def ended(self) -> bool:
@@ -119,6 +131,10 @@ class AdminClient:
                 for r in pb.rounds
             ],
             summary=json.loads(pb.summary_json) if pb.summary_json else None,
+            declines=[
+                DeclineView(d.silo_id, d.count, d.last_kind, d.last_reason, d.last_round)
+                for d in pb.declines
+            ],
         )
 
     def silos(self) -> list[SiloView]:

@@ -31,6 +31,9 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 #: the error type of a bool given for a number (its location is the model's; ``ctx`` names
 #: the key)
 _BOOL_FOR_NUMBER = "bool_for_number"
+#: the error type a union keyed on ``name`` reports for a name it does not know (its
+#: location is the union's; the message names the key)
+UNKNOWN_NAME = "unknown_name"
 
 
 class StrictModel(pydantic.BaseModel):
@@ -91,11 +94,15 @@ def format_validation_error(
     ctx = first.get("ctx") or {}
     if first["type"] == _BOOL_FOR_NUMBER:
         loc = (*loc, ctx["key"])
+    if first["type"] == UNKNOWN_NAME and isinstance(first.get("input"), Mapping):
+        loc = (*loc, "name")
+    member = None
     if data is not None:
-        loc = _key_path(loc, data, missing=first["type"] == "missing")
+        loc, member = _key_path(loc, data, missing=first["type"] == "missing")
     key = ".".join(str(part) for part in loc) or "<root>"
     if first["type"] == "extra_forbidden":
-        detail = "unknown key"
+        # In a union keyed on a name (strategy, data source), say whose settings these are.
+        detail = "unknown key" + (f" for {member!r}" if member is not None else "")
     elif first["type"] == "missing":
         detail = "required key is missing"
     elif not loc or first["type"] == "value_error":
@@ -104,6 +111,8 @@ def format_validation_error(
         detail = str(first["msg"]).removeprefix("Value error, ")
     elif first["type"] == _BOOL_FOR_NUMBER:
         detail = f"{first['msg']} (got {ctx['value']!r})"
+    elif first["type"] == UNKNOWN_NAME and isinstance(first.get("input"), Mapping):
+        detail = f"{first['msg']} (got {first['input'].get('name')!r})"
     else:
         detail = f"{first['msg']} (got {first.get('input')!r})"
     more = len(error.errors()) - 1
@@ -111,14 +120,18 @@ def format_validation_error(
     return f"{source}: {key}: {detail}{suffix}"
 
 
-def _key_path(loc: tuple[int | str, ...], data: Any, *, missing: bool) -> tuple[int | str, ...]:
-    """``loc`` without the union-member labels: only the parts that walk through ``data``.
+def _key_path(
+    loc: tuple[int | str, ...], data: Any, *, missing: bool
+) -> tuple[tuple[int | str, ...], str | None]:
+    """``loc`` without the union-member labels: only the parts that walk through ``data``;
+    and the union member the error is in, by the ``name`` or ``kind`` its mapping gives.
 
     ``missing``: the error is a required key that is missing, so the last part of ``loc``
     names a key that is not in ``data``; otherwise a last part not in ``data`` is a label
     (e.g. the discriminator value a model validator of a union member reports under).
     """
     path: list[int | str] = []
+    member: str | None = None
     node = data
     for i, part in enumerate(loc):
         in_mapping = isinstance(node, Mapping) and part in node
@@ -128,11 +141,14 @@ def _key_path(loc: tuple[int | str, ...], data: Any, *, missing: bool) -> tuple[
         elif missing and isinstance(node, Mapping) and i == len(loc) - 1:
             pass  # the missing key: not in the data, but it is the key to name
         elif isinstance(node, Mapping | list):
-            continue  # a union member's label (e.g. the discriminator value)
+            # a union member's label (e.g. the discriminator value)
+            if isinstance(node, Mapping) and i < len(loc) - 1:
+                member = str(node.get("name", node.get("kind", part)))
+            continue
         else:
             break  # below a scalar only union labels remain
         path.append(part)
-    return tuple(path)
+    return tuple(path), member
 
 
 def parse_config(model: type[M], data: Any, *, source: str) -> M:

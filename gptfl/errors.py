@@ -137,6 +137,36 @@ class UnavailableError(GptflError):
     reason = "unavailable"
 
 
+class TaskRefused(GptflError):
+    """A silo will not run a task (its privacy budget, data it lacks, ...).
+
+    Raised by a silo's trainer before it trains; the agent declines the task with the
+    message verbatim and ``kind`` as a short label the coordinator counts by (see
+    :data:`DECLINE_KINDS`).
+    """
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "refused"
+
+    def __init__(self, message: str, *, kind: str = "refused") -> None:
+        super().__init__(message)
+        if kind not in DECLINE_KINDS:
+            raise ValueError(f"unknown decline kind {kind!r}; add it to DECLINE_KINDS")
+        self.kind = kind
+
+
+#: the labels a silo declines a task with. The coordinator counts declines by these (a label
+#: it does not know counts as ``other``), so the metric's cardinality stays bounded whatever a
+#: silo sends; the reason text travels verbatim beside it.
+DECLINE_KINDS = (
+    "refused",  # the trainer refused the task (the reason says why)
+    "privacy_budget",  # the task would exceed the silo's privacy budget
+    "no_data",  # the silo holds no data for the task (e.g. no evaluation split)
+    "failed",  # the silo tried and failed (details stay in the silo's log)
+    "other",
+)
+
+
 class PkiError(GptflError):
     """Certificates or keys are missing, unreadable or inconsistent."""
 

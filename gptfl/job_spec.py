@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import pydantic
 
-from gptfl.config_loading import StrictModel, parse_config, parse_yaml_text
+from gptfl.config_loading import UNKNOWN_NAME, StrictModel, parse_config, parse_yaml_text
 from gptfl.data.sources import DataSource
 from gptfl.errors import ConfigError
 from gptfl.models.spec import ModelSpec
@@ -45,36 +45,78 @@ class LocalTrainingSpec(StrictModel):
     weight_decay: float = pydantic.Field(0.0, ge=0, le=1)
 
 
-class StrategySpec(StrictModel):
-    """How the coordinator turns the silos' models into the next global model.
+class FedAvgSpec(StrictModel):
+    """``fedavg``: the next global model is the silo models' average weighted by their sample
+    counts (McMahan et al. 2017). Takes no settings."""
 
-    ``fedavg`` averages the silo models weighted by their sample counts; ``fedprox`` is
-    FedAvg plus the proximal term ``mu/2 ||w - w_global||^2`` at the silos; ``fedavgm``,
-    ``fedadam``, ``fedyogi`` and ``fedadagrad`` treat ``global - average`` as a
-    pseudo-gradient for a server optimizer (Reddi et al., "Adaptive Federated Optimization").
-    """
+    name: Literal["fedavg"] = "fedavg"
 
-    name: StrategyName = "fedavg"
+
+class FedProxSpec(StrictModel):
+    """``fedprox``: FedAvg plus the proximal term ``mu/2 ||w - w_global||^2`` at the silos
+    (Li et al. 2020)."""
+
+    name: Literal["fedprox"] = "fedprox"
     proximal_mu: float = pydantic.Field(0.01, ge=0)
-    #: left out: 1.0 for ``fedavgm``, 0.01 for the adaptive ones (:data:`ADAPTIVE_SERVER_LR`)
+
+
+class FedAvgMSpec(StrictModel):
+    """``fedavgm``: server momentum on the pseudo-gradient ``average - global``
+    (Hsu et al. 2019)."""
+
+    name: Literal["fedavgm"] = "fedavgm"
     server_learning_rate: float = pydantic.Field(1.0, gt=0)
     server_momentum: float = pydantic.Field(0.9, ge=0, lt=1)
+
+
+class AdaptiveSpec(StrictModel):
+    """``fedadam``, ``fedyogi``, ``fedadagrad``: an adaptive server optimizer on the
+    pseudo-gradient (Reddi et al. 2021, "Adaptive Federated Optimization").
+
+    An adaptive optimizer moves every coordinate by about ``server_learning_rate`` per round,
+    so its default is :data:`ADAPTIVE_SERVER_LR`, not the 1.0 that suits ``fedavgm``
+    (docs/job-spec.md, "The math").
+    """
+
+    name: Literal["fedadam", "fedyogi", "fedadagrad"]
+    server_learning_rate: float = pydantic.Field(ADAPTIVE_SERVER_LR, gt=0)
     beta1: float = pydantic.Field(0.9, ge=0, lt=1)
     beta2: float = pydantic.Field(0.99, ge=0, lt=1)
     tau: float = pydantic.Field(1e-3, gt=0)
 
-    @pydantic.model_validator(mode="before")
-    @classmethod
-    def _default_server_learning_rate(cls, data: Any) -> Any:
-        # An adaptive server optimizer moves every coordinate by about eta per round, so the
-        # 1.0 that suits fedavgm would wreck the model (docs/job-spec.md, "The math").
-        if (
-            isinstance(data, dict)
-            and "server_learning_rate" not in data
-            and data.get("name") in ADAPTIVE_STRATEGIES
-        ):
-            return {**data, "server_learning_rate": ADAPTIVE_SERVER_LR}
-        return data
+
+def _strategy_tag(value: Any) -> str | None:
+    """Which member of :data:`StrategySpec` a value is (``fedavg`` when it names none)."""
+    name = value.get("name", "fedavg") if isinstance(value, dict) else getattr(value, "name", None)
+    return "adaptive" if name in ADAPTIVE_STRATEGIES else name
+
+
+#: How the coordinator turns the silos' models into the next global model: a union keyed on
+#: ``name``, so a setting the named strategy does not use is an error naming it (a
+#: ``beta1`` beside ``name: fedavg`` would otherwise be ignored without a word).
+StrategySpec = Annotated[
+    Annotated[FedAvgSpec, pydantic.Tag("fedavg")]
+    | Annotated[FedProxSpec, pydantic.Tag("fedprox")]
+    | Annotated[FedAvgMSpec, pydantic.Tag("fedavgm")]
+    | Annotated[AdaptiveSpec, pydantic.Tag("adaptive")],
+    pydantic.Discriminator(
+        _strategy_tag,
+        custom_error_type=UNKNOWN_NAME,
+        custom_error_message="must be one of "
+        + ", ".join(repr(name) for name in get_args(StrategyName)),
+    ),
+]
+_STRATEGY_SPEC: pydantic.TypeAdapter[StrategySpec] = pydantic.TypeAdapter(StrategySpec)
+
+
+def strategy_spec(**fields: Any) -> StrategySpec:
+    """The strategy spec ``fields`` describe, as a job spec's ``strategy`` section would.
+
+    Raises:
+        pydantic.ValidationError: an unknown name, a setting the strategy does not take, or a
+            value out of range.
+    """
+    return _STRATEGY_SPEC.validate_python(fields)
 
 
 class EvaluationSpec(StrictModel):
@@ -192,7 +234,7 @@ class JobSpec(StrictModel):
     round_deadline_s: float = pydantic.Field(600.0, gt=0, le=MAX_DURATION_S)
     wait_for_silos_s: float = pydantic.Field(600.0, gt=0, le=MAX_DURATION_S)
     local: LocalTrainingSpec = LocalTrainingSpec()
-    strategy: StrategySpec = StrategySpec()
+    strategy: StrategySpec = FedAvgSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     #: start from these weights (a safetensors file on the coordinator) instead of random init
     initial_model: Path | None = None

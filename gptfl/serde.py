@@ -5,12 +5,23 @@ The only module besides servicers and clients that touches generated protobuf cl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 
 import pydantic
 
 from gptfl.chunk_wire import decode_chunk_part, encode_chunk_part
-from gptfl.errors import ValidationError
+from gptfl.errors import DECLINE_KINDS, ConfigError, ValidationError
+from gptfl.fleet_messages import (
+    Decline,
+    EvaluationReport,
+    FleetPhase,
+    PullReply,
+    RegisterAck,
+    Registration,
+    UpdateHeader,
+    UploadResult,
+)
 from gptfl.models.spec import ModelSpec
 from gptfl.proto.v1 import common_pb2, fleet_pb2
 from gptfl.task import LocalSettings, TaskKind, TaskSpec
@@ -182,10 +193,25 @@ _TASK_KINDS = {
     TaskKind.TRAIN: fleet_pb2.TASK_KIND_TRAIN,
     TaskKind.EVALUATE: fleet_pb2.TASK_KIND_EVALUATE,
 }
+_TASK_KINDS_FROM_PB = {v: k for k, v in _TASK_KINDS.items()}
+
+#: LocalSettings and TrainConfig share their field names; a test checks that they match
+_LOCAL_FIELDS = tuple(f.name for f in dataclasses.fields(LocalSettings))
+
+
+def local_settings_to_pb(local: LocalSettings) -> fleet_pb2.TrainConfig:
+    return fleet_pb2.TrainConfig(**{name: getattr(local, name) for name in _LOCAL_FIELDS})
+
+
+def local_settings_from_pb(pb: fleet_pb2.TrainConfig) -> LocalSettings:
+    """The domain settings; out-of-range values are a :class:`ValidationError`."""
+    try:
+        return LocalSettings(**{name: getattr(pb, name) for name in _LOCAL_FIELDS})
+    except ConfigError as exc:
+        raise ValidationError(f"invalid training settings: {exc}") from None
 
 
 def task_to_pb(task: TaskSpec) -> fleet_pb2.Task:
-    local = task.local
     return fleet_pb2.Task(
         task_id=task.task_id,
         job_id=task.job_id,
@@ -193,43 +219,157 @@ def task_to_pb(task: TaskSpec) -> fleet_pb2.Task:
         kind=_TASK_KINDS[task.kind],
         model=model_spec_to_pb(task.model_spec),
         model_sha256=task.model_sha256,
-        train=fleet_pb2.TrainConfig(
-            local_epochs=local.epochs,
-            batch_size=local.batch_size,
-            learning_rate=local.learning_rate,
-            momentum=local.momentum,
-            weight_decay=local.weight_decay,
-            proximal_mu=local.proximal_mu,
-            seed=local.seed,
-        ),
-        deadline_unix_ms=int(task.deadline_unix * 1000),
+        train=local_settings_to_pb(task.local),
+        deadline_unix_ms=round(task.deadline_unix * 1000),
     )
 
 
 def task_from_pb(pb: fleet_pb2.Task) -> TaskSpec:
-    kinds = {v: k for k, v in _TASK_KINDS.items()}
-    if pb.kind not in kinds:
+    kind = _TASK_KINDS_FROM_PB.get(pb.kind)
+    if kind is None:
         raise ValidationError(f"task {pb.task_id} has an unknown kind {pb.kind}")
     try:
         model_spec = model_spec_from_pb(pb.model)
+        local = local_settings_from_pb(pb.train)
     except ValidationError as exc:
         raise ValidationError(f"task {pb.task_id}: {exc}") from None
-    t = pb.train
     return TaskSpec(
         task_id=pb.task_id,
         job_id=pb.job_id,
         round=pb.round,
-        kind=kinds[pb.kind],
+        kind=kind,
         model_spec=model_spec,
         model_sha256=pb.model_sha256,
-        local=LocalSettings(
-            epochs=t.local_epochs,
-            batch_size=t.batch_size,
-            learning_rate=t.learning_rate,
-            momentum=t.momentum,
-            weight_decay=t.weight_decay,
-            proximal_mu=t.proximal_mu,
-            seed=t.seed,
-        ),
+        local=local,
         deadline_unix=pb.deadline_unix_ms / 1000,
     )
+
+
+# ---- the other fleet messages ----------------------------------------------------------
+
+_PHASES = {
+    FleetPhase.NO_JOB: fleet_pb2.JOB_PHASE_NO_JOB,
+    FleetPhase.PRETRAIN: fleet_pb2.JOB_PHASE_PRETRAIN,
+    FleetPhase.FEDERATING: fleet_pb2.JOB_PHASE_FEDERATING,
+    FleetPhase.FINISHED: fleet_pb2.JOB_PHASE_FINISHED,
+    FleetPhase.FAILED: fleet_pb2.JOB_PHASE_FAILED,
+    FleetPhase.STOPPED: fleet_pb2.JOB_PHASE_STOPPED,
+}
+_PHASES_FROM_PB = {v: k for k, v in _PHASES.items()}
+
+
+def registration_to_pb(registration: Registration) -> fleet_pb2.RegisterRequest:
+    return fleet_pb2.RegisterRequest(
+        agent_version=registration.agent_version,
+        device=registration.device,
+        num_train_examples=registration.num_train_examples,
+        num_eval_examples=registration.num_eval_examples,
+    )
+
+
+def registration_from_pb(pb: fleet_pb2.RegisterRequest) -> Registration:
+    return Registration(
+        agent_version=pb.agent_version,
+        device=pb.device,
+        num_train_examples=pb.num_train_examples,
+        num_eval_examples=pb.num_eval_examples,
+    )
+
+
+def register_ack_to_pb(ack: RegisterAck) -> fleet_pb2.RegisterReply:
+    return fleet_pb2.RegisterReply(
+        silo_id=ack.silo_id,
+        heartbeat_interval_ms=round(ack.heartbeat_interval_s * 1000),
+        coordinator_version=ack.coordinator_version,
+    )
+
+
+def register_ack_from_pb(pb: fleet_pb2.RegisterReply) -> RegisterAck:
+    return RegisterAck(
+        silo_id=pb.silo_id,
+        heartbeat_interval_s=pb.heartbeat_interval_ms / 1000,
+        coordinator_version=pb.coordinator_version,
+    )
+
+
+def pull_reply_to_pb(reply: PullReply) -> fleet_pb2.PullTaskReply:
+    pb = fleet_pb2.PullTaskReply(
+        phase=_PHASES[reply.phase],
+        job_id=reply.job_id,
+        retry_after_ms=round(reply.retry_after_s * 1000),
+    )
+    if reply.task is not None:
+        pb.task.CopyFrom(task_to_pb(reply.task))
+    return pb
+
+
+def pull_reply_from_pb(pb: fleet_pb2.PullTaskReply) -> PullReply:
+    phase = _PHASES_FROM_PB.get(pb.phase)
+    if phase is None:
+        raise ValidationError(f"the coordinator reported an unknown job phase {pb.phase}")
+    return PullReply(
+        phase=phase,
+        job_id=pb.job_id,
+        task=task_from_pb(pb.task) if pb.HasField("task") else None,
+        retry_after_s=pb.retry_after_ms / 1000,
+    )
+
+
+def update_header_to_pb(header: UpdateHeader) -> fleet_pb2.UpdateHeader:
+    return fleet_pb2.UpdateHeader(
+        task_id=header.task_id,
+        round=header.round,
+        num_examples=header.num_examples,
+        train_metrics=metrics_to_pb(header.train_metrics),
+        train_seconds=header.train_seconds,
+    )
+
+
+def update_header_from_pb(pb: fleet_pb2.UpdateHeader) -> UpdateHeader:
+    return UpdateHeader(
+        task_id=pb.task_id,
+        round=pb.round,
+        num_examples=pb.num_examples,
+        train_metrics=metrics_from_pb(pb.train_metrics),
+        train_seconds=pb.train_seconds,
+    )
+
+
+def upload_result_to_pb(result: UploadResult) -> fleet_pb2.UploadReply:
+    return fleet_pb2.UploadReply(accepted=result.accepted, message=result.message)
+
+
+def upload_result_from_pb(pb: fleet_pb2.UploadReply) -> UploadResult:
+    return UploadResult(accepted=pb.accepted, message=pb.message)
+
+
+def evaluation_report_to_pb(report: EvaluationReport) -> fleet_pb2.EvaluationReport:
+    return fleet_pb2.EvaluationReport(
+        task_id=report.task_id,
+        round=report.round,
+        num_examples=report.num_examples,
+        metrics=metrics_to_pb(report.metrics),
+    )
+
+
+def evaluation_report_from_pb(pb: fleet_pb2.EvaluationReport) -> EvaluationReport:
+    return EvaluationReport(
+        task_id=pb.task_id,
+        round=pb.round,
+        num_examples=pb.num_examples,
+        metrics=metrics_from_pb(pb.metrics),
+    )
+
+
+def decline_to_pb(decline: Decline) -> fleet_pb2.DeclineTaskRequest:
+    return fleet_pb2.DeclineTaskRequest(
+        task_id=decline.task_id, reason=decline.reason, kind=decline.kind
+    )
+
+
+def decline_from_pb(pb: fleet_pb2.DeclineTaskRequest) -> Decline:
+    """The decline as sent; a kind the coordinator does not know is ``other``."""
+    if not pb.reason:
+        raise ValidationError("a declined task needs a reason")
+    kind = pb.kind if pb.kind in DECLINE_KINDS else "other"
+    return Decline(task_id=pb.task_id, reason=pb.reason, kind=kind)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
+from gptfl.errors import ConfigError
 from gptfl.models.spec import ModelSpec
 
 
@@ -15,15 +17,51 @@ class TaskKind(enum.Enum):
 
 @dataclass(frozen=True)
 class LocalSettings:
-    """Local training settings for one task (the job's, plus the strategy's overrides)."""
+    """The settings of one local training run: the one type from the job spec to the silo.
+
+    The coordinator builds it from the job spec's ``local`` section and the task's seed;
+    the strategy (and any wrapper around it) adjusts it through
+    :meth:`coordinator.strategies.Strategy.configure_local`; :mod:`gptfl.serde` carries it
+    to the silo field by field (the proto's ``TrainConfig`` has the same field names); the
+    silo's trainer reads it. The synth service's pretraining uses it too.
+
+    Attributes:
+        epochs: passes over the local data.
+        batch_size: examples per SGD step; the last batch of an epoch may be smaller.
+        learning_rate: SGD step size.
+        momentum: SGD momentum (the momentum buffer starts at zero on every run).
+        weight_decay: L2 penalty applied by SGD.
+        proximal_mu: FedProx coefficient of ``mu/2 ||w - w_global||^2``; 0 is plain local
+            SGD (FedAvg).
+        seed: seed of the shuffling (and sampling) order.
+
+    Raises:
+        ConfigError: a value is out of range (the same rules whichever side builds it).
+    """
 
     epochs: int
     batch_size: int
     learning_rate: float
-    momentum: float
-    weight_decay: float
-    proximal_mu: float
-    seed: int
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
+            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0 or not math.isfinite(self.weight_decay):
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.proximal_mu >= 0 or not math.isfinite(self.proximal_mu):
+            raise ConfigError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True)

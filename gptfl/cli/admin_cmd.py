@@ -179,6 +179,11 @@ def print_status(status: StatusView) -> None:
             f"federated accuracy {_pct(last.federated, 'accuracy').strip()}, "
             f"{last.updates_accepted}/{last.silos_selected} updates, {last.seconds:.2f}s"
         )
+    for d in status.declines:
+        tasks = f", {d.count} tasks declined" if d.count > 1 else ""
+        print(
+            f"  {d.silo_id} declined round {d.last_round} ({d.last_kind}{tasks}): {d.last_reason}"
+        )
 
 
 def follow(

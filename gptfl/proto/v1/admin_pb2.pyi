@@ -43,7 +43,7 @@ class RoundSummary(_message.Message):
     def __init__(self, round: _Optional[int] = ..., silos_selected: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., updates_rejected: _Optional[int] = ..., seconds: _Optional[float] = ..., server_metrics: _Optional[_Union[_common_pb2.Metrics, _Mapping]] = ..., federated_metrics: _Optional[_Union[_common_pb2.Metrics, _Mapping]] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "phase", "round", "total_rounds", "message", "rounds", "silos_connected", "summary_json")
+    __slots__ = ("job_id", "phase", "round", "total_rounds", "message", "rounds", "silos_connected", "summary_json", "declines")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class JobStatus(_message.Message):
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SILOS_CONNECTED_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_JSON_FIELD_NUMBER: _ClassVar[int]
+    DECLINES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     phase: str
     round: int
@@ -60,7 +61,22 @@ class JobStatus(_message.Message):
     rounds: _containers.RepeatedCompositeFieldContainer[RoundSummary]
     silos_connected: int
     summary_json: str
-    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., message: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., silos_connected: _Optional[int] = ..., summary_json: _Optional[str] = ...) -> None: ...
+    declines: _containers.RepeatedCompositeFieldContainer[SiloDeclines]
+    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., message: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., silos_connected: _Optional[int] = ..., summary_json: _Optional[str] = ..., declines: _Optional[_Iterable[_Union[SiloDeclines, _Mapping]]] = ...) -> None: ...
+
+class SiloDeclines(_message.Message):
+    __slots__ = ("silo_id", "count", "last_kind", "last_reason", "last_round")
+    SILO_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    LAST_KIND_FIELD_NUMBER: _ClassVar[int]
+    LAST_REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    silo_id: str
+    count: int
+    last_kind: str
+    last_reason: str
+    last_round: int
+    def __init__(self, silo_id: _Optional[str] = ..., count: _Optional[int] = ..., last_kind: _Optional[str] = ..., last_reason: _Optional[str] = ..., last_round: _Optional[int] = ...) -> None: ...
 
 class ListSilosRequest(_message.Message):
     __slots__ = ()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from coordinator.checkpoint import LATEST, load_latest
-from coordinator.job_runner import EvaluationResult, JobRunner, UpdateHeader
+from coordinator.job_runner import JobRunner
 from coordinator.job_state import Phase, SiloSummary
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.silo_registry import SiloRegistry
@@ -35,6 +35,7 @@ from gptfl.errors import (
     UnknownTaskError,
     ValidationError,
 )
+from gptfl.fleet_messages import Decline, EvaluationReport, UpdateHeader
 from gptfl.job_spec import JobSpec
 from gptfl.models import build_model
 from gptfl.task import TaskKind
@@ -499,7 +500,7 @@ def test_a_decline_is_recorded_and_ends_the_wait(coord: Coordinator) -> None:
     runner = coord.runner(_spec(rounds=1, min_silos=2, round_deadline_s=60))
     ta, tb = pull(runner, "a"), pull(runner, "b")
     upload(runner, "a", ta, _shifted(INITIAL, 1), 10)
-    runner.decline("b", tb.task_id, "not enough memory")
+    runner.decline("b", Decline(tb.task_id, "not enough memory"))
     assert tb.status is TaskStatus.DECLINED
     assert tb.decline_reason == "not enough memory"
     finish(runner, Phase.FAILED)
@@ -508,14 +509,14 @@ def test_a_decline_is_recorded_and_ends_the_wait(coord: Coordinator) -> None:
     with pytest.raises(StaleTaskError):
         upload(runner, "b", tb, _shifted(INITIAL, 2), 10)
     with pytest.raises(PermissionDeniedError):
-        runner.decline("a", tb.task_id, "not mine")
+        runner.decline("a", Decline(tb.task_id, "not mine"))
 
 
 def test_a_decline_does_not_stop_a_round_that_has_quorum(coord: Coordinator) -> None:
     runner = coord.runner(_spec(rounds=1, min_silos=1))
     ta, tb = pull(runner, "a"), pull(runner, "b")
     wa = _shifted(INITIAL, 1)
-    runner.decline("b", tb.task_id, "maintenance window")
+    runner.decline("b", Decline(tb.task_id, "maintenance window"))
     upload(runner, "a", ta, wa, 10)
     finish(runner, Phase.FINISHED)
     assert_close(global_weights(runner), wa)
@@ -539,15 +540,15 @@ def test_federated_evaluation_is_sample_weighted(coord: Coordinator) -> None:
     assert_close(download(runner, "a", ea), weighted_mean([(wa, 10), (wb, 10)]))
     with pytest.raises(ValidationError, match="finite 'accuracy'"):
         runner.receive_evaluation(
-            "a", EvaluationResult(ea.task_id, 1, 10, {"loss": 1.0, "accuracy": float("nan")})
+            "a", EvaluationReport(ea.task_id, 1, 10, {"loss": 1.0, "accuracy": float("nan")})
         )
     with pytest.raises(StaleTaskError, match="is a evaluate task"):
         upload(runner, "a", ea, wa, 10)  # a model upload for an evaluation task
     runner.receive_evaluation(
-        "a", EvaluationResult(ea.task_id, 1, 10, {"loss": 2.0, "accuracy": 0.5})
+        "a", EvaluationReport(ea.task_id, 1, 10, {"loss": 2.0, "accuracy": 0.5})
     )
     runner.receive_evaluation(
-        "b", EvaluationResult(eb.task_id, 1, 30, {"loss": 1.0, "accuracy": 0.9})
+        "b", EvaluationReport(eb.task_id, 1, 30, {"loss": 1.0, "accuracy": 0.9})
     )
     finish(runner, Phase.FINISHED)
     record = runner.state.rounds[0]

@@ -6,6 +6,7 @@ no bias correction; FedAvgM as in Hsu et al. 2019.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from coordinator.strategies import (
     FedProx,
     FedYogi,
     Strategy,
+    StrategyWrapper,
     build_strategy,
 )
-from gptfl.job_spec import StrategySpec
+from gptfl.job_spec import StrategySpec, strategy_spec
+from gptfl.task import LocalSettings
 from gptfl.weights import WeightMap
 from gptfl.weights_io import load_weights, save_weights
 
@@ -80,14 +83,11 @@ def _avgm_reference(w0: Arrays, averages: list[Arrays]) -> list[Arrays]:
 
 
 def _spec(name: str) -> StrategySpec:
-    return StrategySpec(
-        name=name,  # type: ignore[arg-type]
-        server_learning_rate=ETA,
-        server_momentum=MOMENTUM,
-        beta1=BETA1,
-        beta2=BETA2,
-        tau=TAU,
-    )
+    if name in ("fedavg", "fedprox"):
+        return strategy_spec(name=name)
+    if name == "fedavgm":
+        return strategy_spec(name=name, server_learning_rate=ETA, server_momentum=MOMENTUM)
+    return strategy_spec(name=name, server_learning_rate=ETA, beta1=BETA1, beta2=BETA2, tau=TAU)
 
 
 REFERENCES = {
@@ -146,19 +146,60 @@ def test_first_adam_step_is_bounded_by_eta() -> None:
         assert (new[k] - _torch(w0)[k]).abs().max().item() <= ETA + 1e-4
 
 
+LOCAL = LocalSettings(epochs=2, batch_size=16, learning_rate=0.1, momentum=0.5, seed=3)
+
+
+class _SetsMomentum(StrategyWrapper):
+    """A wrapper that adds its own local setting, as a privacy wrapper would."""
+
+    def configure_local(self, settings: LocalSettings) -> LocalSettings:
+        return dataclasses.replace(self.inner.configure_local(settings), momentum=0.0)
+
+
+class _SetsWeightDecay(StrategyWrapper):
+    def configure_local(self, settings: LocalSettings) -> LocalSettings:
+        return dataclasses.replace(self.inner.configure_local(settings), weight_decay=0.01)
+
+
+def test_wrappers_compose_and_keep_each_others_local_settings() -> None:
+    stacked = _SetsWeightDecay(_SetsMomentum(FedProx(0.25)))
+    local = stacked.configure_local(LOCAL)
+    # each layer's change survives the layers around it; the rest is the job's
+    assert (local.proximal_mu, local.momentum, local.weight_decay) == (0.25, 0.0, 0.01)
+    assert (local.epochs, local.batch_size, local.seed) == (2, 16, 3)
+    assert stacked.name == "_SetsWeightDecay(_SetsMomentum(fedprox))"
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam"])
+def test_a_wrapper_passes_aggregation_and_state_through(name: str) -> None:
+    w0, avg = _torch(_rng_arrays(0)), _torch(_rng_arrays(1))
+    plain, wrapped = build_strategy(_spec(name)), _SetsMomentum(build_strategy(_spec(name)))
+    expected = plain.apply(w0, avg)
+    for k, v in wrapped.apply(w0, avg).items():
+        assert torch.equal(v, expected[k])
+    state = wrapped.state_dict()
+    assert state and all(key.startswith("inner/") for key in state)
+    restored = _SetsMomentum(build_strategy(_spec(name)))
+    restored.load_state_dict(state)
+    for key, value in restored.state_dict().items():
+        assert torch.equal(value, state[key])
+    with pytest.raises(ValueError, match="keeps no state"):
+        restored.load_state_dict({**state, "own": torch.zeros(1)})
+
+
 def test_fedavg_returns_the_average() -> None:
     w0, avg = _torch(_rng_arrays(0)), _torch(_rng_arrays(1))
-    strategy = build_strategy(StrategySpec(name="fedavg"))
-    assert isinstance(strategy, FedAvg) and strategy.local_overrides() == {}
+    strategy = build_strategy(strategy_spec(name="fedavg"))
+    assert isinstance(strategy, FedAvg) and strategy.configure_local(LOCAL) == LOCAL
     new = strategy.apply(w0, avg)
     for k in SHAPES:
         assert torch.equal(new[k], avg[k])
 
 
 def test_fedprox_sends_mu_and_averages_like_fedavg() -> None:
-    strategy = build_strategy(StrategySpec(name="fedprox", proximal_mu=0.25))
+    strategy = build_strategy(strategy_spec(name="fedprox", proximal_mu=0.25))
     assert isinstance(strategy, FedProx)
-    assert strategy.local_overrides() == {"proximal_mu": 0.25}
+    assert strategy.configure_local(LOCAL) == dataclasses.replace(LOCAL, proximal_mu=0.25)
     w0, avg = _torch(_rng_arrays(0)), _torch(_rng_arrays(1))
     fedavg = FedAvg().apply(w0, avg)
     new = strategy.apply(w0, avg)

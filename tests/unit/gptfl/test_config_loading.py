@@ -76,7 +76,7 @@ def _error(model: type, path: Path) -> str:
         ),
         pytest.param(
             SILO_YAML.replace("    path: data/train.npz\n", "    path: a.npz\n    mmap: true\n"),
-            "config.yaml: data.train.mmap: unknown key",
+            "config.yaml: data.train.mmap: unknown key for 'npz'",
             id="in-a-data-source",
         ),
     ],

@@ -10,7 +10,7 @@ import pytest
 from gptfl.config_loading import parse_config
 from gptfl.data.sources import SklearnDigitsSource
 from gptfl.errors import ConfigError
-from gptfl.job_spec import JobSpec, StrategySpec, load_job_spec, parse_job_spec
+from gptfl.job_spec import JobSpec, load_job_spec, parse_job_spec, strategy_spec
 
 MINIMAL = """\
 name: digits-1
@@ -85,17 +85,36 @@ def test_unknown_strategy_is_refused() -> None:
 @pytest.mark.parametrize(
     ("extra", "key"),
     [
-        ("rounds_total: 4\n", "rounds_total"),
-        ("local: {epocs: 2}\n", "local.epocs"),
-        ("strategy: {name: fedadam, bta1: 0.9}\n", "strategy.bta1"),
+        ("rounds_total: 4\n", "rounds_total: unknown key"),
+        ("local: {epocs: 2}\n", "local.epocs: unknown key"),
+        ("strategy: {name: fedadam, bta1: 0.9}\n", "strategy.bta1: unknown key for 'fedadam'"),
         (
             "evaluation: {server: {kind: sklearn-digits, split: test, shuffle: true}}\n",
-            "evaluation.server.shuffle",
+            "evaluation.server.shuffle: unknown key for 'sklearn-digits'",
         ),
     ],
 )
 def test_unknown_keys_are_named(extra: str, key: str) -> None:
-    assert _error(MINIMAL + extra) == f"job.yaml: {key}: unknown key"
+    assert _error(MINIMAL + extra) == f"job.yaml: {key}"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "key"),
+    [
+        ("{name: fedavg, beta1: 0.1}", "beta1"),
+        ("{beta1: 0.1}", "beta1"),  # no name is fedavg
+        ("{name: fedavg, proximal_mu: 0.1}", "proximal_mu"),
+        ("{name: fedprox, server_momentum: 0.5}", "server_momentum"),
+        ("{name: fedavgm, tau: 0.5}", "tau"),
+        ("{name: fedyogi, server_momentum: 0.5}", "server_momentum"),
+    ],
+)
+def test_a_setting_the_named_strategy_does_not_use_is_refused(strategy: str, key: str) -> None:
+    """The strategy section is a union keyed on name: a setting of another strategy is not
+    silently ignored."""
+    name = "fedavg" if "name" not in strategy else strategy.split("name: ")[1].split(",")[0]
+    message = _error(MINIMAL + f"strategy: {strategy}\n")
+    assert message == f"job.yaml: strategy.{key}: unknown key for {name!r}"
 
 
 @pytest.mark.parametrize(
@@ -105,8 +124,8 @@ def test_unknown_keys_are_named(extra: str, key: str) -> None:
         ("round_deadline_s: 0\n", "round_deadline_s"),
         ("local: {batch_size: -3}\n", "local.batch_size"),
         ("local: {learning_rate: 0}\n", "local.learning_rate"),
-        ("strategy: {beta2: 1.0}\n", "strategy.beta2"),
-        ("strategy: {tau: 0}\n", "strategy.tau"),
+        ("strategy: {name: fedadam, beta2: 1.0}\n", "strategy.beta2"),
+        ("strategy: {name: fedyogi, tau: 0}\n", "strategy.tau"),
         ("evaluation: {federated: maybe}\n", "evaluation.federated"),
     ],
 )
@@ -271,7 +290,7 @@ def test_pretrain_and_initial_model_exclude_each_other() -> None:
 def test_server_learning_rate_defaults_by_strategy(
     strategy: dict[str, object], expected: float
 ) -> None:
-    assert StrategySpec.model_validate(strategy).server_learning_rate == expected
+    assert strategy_spec(**strategy).server_learning_rate == expected
 
 
 # ---- numbers: finite, bounded, never booleans ------------------------------------------------
@@ -342,7 +361,7 @@ def test_a_seven_day_deadline_is_accepted() -> None:
         ("local: {learning_rate: true}\n", "local.learning_rate"),
         ("seed: false\n", "seed"),
         ("min_silos: true\n", "min_silos"),
-        ("strategy: {tau: true}\n", "strategy.tau"),
+        ("strategy: {name: fedadam, tau: true}\n", "strategy.tau"),
         (
             "evaluation: {server: {kind: sklearn-digits, partition: {index: 0, count: true}}}\n",
             "evaluation.server.partition.count",

@@ -1,0 +1,138 @@
+"""The fleet API's messages as domain types: what a silo and the coordinator tell each other.
+
+:mod:`gptfl.serde` converts each of these to and from its protobuf message; servicers and
+the silo's fleet client stop protobuf at their edge and hand these on. Tasks themselves are
+in :mod:`gptfl.task`; weights travel as manifests and chunks (:mod:`gptfl.weights`).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gptfl.errors import NonFiniteError, ValidationError
+from gptfl.task import TaskSpec
+
+
+class FleetPhase(enum.Enum):
+    """The job phase as the fleet API reports it to silos."""
+
+    NO_JOB = "no_job"
+    PRETRAIN = "pretrain"
+    FEDERATING = "federating"
+    FINISHED = "finished"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (FleetPhase.FINISHED, FleetPhase.FAILED, FleetPhase.STOPPED)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A silo's Register: who it is comes from its certificate, the rest from here."""
+
+    agent_version: str
+    device: str
+    num_train_examples: int
+    num_eval_examples: int
+
+
+@dataclass(frozen=True)
+class RegisterAck:
+    """The coordinator's answer to a Register."""
+
+    silo_id: str
+    heartbeat_interval_s: float
+    coordinator_version: str
+
+
+@dataclass(frozen=True)
+class PullReply:
+    """The answer to a PullTask long poll: a task, or the phase and when to ask again."""
+
+    phase: FleetPhase
+    job_id: str
+    task: TaskSpec | None
+    retry_after_s: float
+
+
+def check_metrics(values: Mapping[str, float], *, what: str) -> None:
+    """Refuses metrics a peer sent that are not finite numbers.
+
+    Raises:
+        NonFiniteError: a value is NaN or infinite (named in the message).
+    """
+    for key, value in values.items():
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{what} {key!r} is {value}, not a finite number")
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    """Everything about a training update except its weights (the first upload message).
+
+    Attributes:
+        task_id: the task the update answers.
+        round: the task's round (checked against the task's own).
+        num_examples: the silo's training examples, the update's FedAvg weight.
+        train_metrics: the silo's training figures (``loss``, ``accuracy``); finite.
+        train_seconds: the silo's local training time.
+    """
+
+    task_id: str
+    round: int
+    num_examples: int
+    train_metrics: Mapping[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+    def check(self) -> None:
+        """Checks what can be checked without the task: a positive count, finite figures.
+
+        Raises:
+            ValidationError: ``num_examples`` is not positive.
+            NonFiniteError: a training metric or the training time is not finite.
+        """
+        if self.num_examples <= 0:
+            raise ValidationError(f"num_examples must be positive, got {self.num_examples}")
+        check_metrics(self.train_metrics, what="training metric")
+        if not math.isfinite(self.train_seconds) or self.train_seconds < 0:
+            raise NonFiniteError(
+                f"train_seconds is {self.train_seconds}, not a finite non-negative number"
+            )
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """The last reply of an upload: whether the update was accepted."""
+
+    accepted: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """A silo's federated evaluation of a round's global model."""
+
+    task_id: str
+    round: int
+    num_examples: int
+    metrics: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Decline:
+    """A silo declines (or failed) a task.
+
+    Attributes:
+        task_id: the task.
+        reason: why, in words; shown to the admin verbatim.
+        kind: a label from :data:`gptfl.errors.DECLINE_KINDS`; declines are counted by it.
+    """
+
+    task_id: str
+    reason: str
+    kind: str = "refused"
