@@ -124,7 +124,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self, request: fleet_pb2.DownloadModelRequest, context: grpc.ServicerContext
     ) -> Iterator[common_pb2.WeightStreamPart | bytes]:
         silo = self._silo(context)
-        manifest, chunks = self._jobs.active().task_model(silo, request.task_id)
+        manifest, chunks = self._jobs.active().intake.task_model(silo, request.task_id)
         yield from serde.weight_stream_to_wire(manifest, chunks)
 
     @maps_stream_errors
@@ -138,7 +138,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             raise ValidationError("an upload must start with its header")
         header = serde.update_header_from_pb(first.header)
         # Waits for an upload slot; the round ends the call if it closes while the slot is held.
-        with runner.admit_update(silo, header, cancel=context.cancel) as receive:
+        with runner.intake.admit_update(silo, header, cancel=context.cancel) as receive:
             yield fleet_pb2.UploadReply(ready=True)
             try:
                 receive(*serde.split_weight_stream(request_iterator, stream="an upload"))
@@ -153,7 +153,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self, request: fleet_pb2.EvaluationReport, context: grpc.ServicerContext
     ) -> fleet_pb2.Ack:
         silo = self._silo(context)
-        self._jobs.active().receive_evaluation(silo, serde.evaluation_report_from_pb(request))
+        self._jobs.active().intake.receive_evaluation(
+            silo, serde.evaluation_report_from_pb(request)
+        )
         return fleet_pb2.Ack()
 
     @maps_errors
@@ -161,7 +163,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self, request: fleet_pb2.DeclineTaskRequest, context: grpc.ServicerContext
     ) -> fleet_pb2.Ack:
         silo = self._silo(context)
-        self._jobs.active().decline(silo, serde.decline_from_pb(request))
+        self._jobs.active().intake.decline(silo, serde.decline_from_pb(request))
         return fleet_pb2.Ack()
 
 

@@ -1,9 +1,10 @@
 """One federated job, round by round, in its own thread.
 
-The runner owns the global model. Servicers call into it from gRPC threads
-(:meth:`JobRunner.pull_task`, :meth:`receive_update`, ...); it validates every incoming
-message before it touches the aggregate, and folds accepted updates into a running sum as
-they arrive. After each round it evaluates, checkpoints and exports metrics.
+The runner owns the global model and the job thread. Each round it asks the round planner
+for a plan (:mod:`coordinator.round_plan`), opens the plan's fold to the update intake
+(:mod:`coordinator.update_intake`, which servicers call from gRPC threads), lets the plan
+run its stages (:mod:`coordinator.round_stages`), hands the fold's average to the strategy,
+then runs the evaluation stage, checkpoints and exports metrics.
 """
 
 from __future__ import annotations
@@ -14,45 +15,37 @@ import random
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from coordinator.aggregation import RunningSum
 from coordinator.checkpoint import Checkpoint, save_checkpoint
 from coordinator.evaluation import ServerEvaluator
-from coordinator.inflight_uploads import InFlightUploads, TrackedUpload
+from coordinator.inflight_uploads import InFlightUploads
 from coordinator.job_state import (
     ENDED_FILE,
     JobState,
     Phase,
     RoundRecord,
-    SiloSummary,
     finite_or_none,
     percent,
 )
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.report import export_job
+from coordinator.round_plan import RoundPlanner, RoundProgress, RoundSetup, plain_round
+from coordinator.round_stages import Stage, StageResult, StageRunner
 from coordinator.silo_registry import SiloRegistry
 from coordinator.strategies import Strategy, build_strategy
-from coordinator.tasks import ModelVersion, TaskBoard, TaskRecord, TaskStatus
+from coordinator.tasks import ModelVersion, TaskBoard, TaskRecord
+from coordinator.update_intake import UpdateIntake
 from coordinator.upload_slots import UploadSlots
 from gptfl import atomic_io
-from gptfl.errors import GptflError, StaleTaskError, StalledUploadError, ValidationError
-from gptfl.fleet_messages import Decline, EvaluationReport, UpdateHeader
+from gptfl.errors import GptflError
 from gptfl.job_spec import JobSpec
 from gptfl.task import LocalSettings, TaskKind
-from gptfl.weights import (
-    Chunk,
-    Manifest,
-    PayloadReceiver,
-    WeightMap,
-    check_manifest,
-    iter_chunks,
-)
+from gptfl.weights import WeightMap
 
 log = logging.getLogger(__name__)
 
@@ -65,32 +58,6 @@ class JobFailed(Exception):
 
 class JobInterrupted(Exception):
     """The job was stopped (or the coordinator began shutting down) during a long phase."""
-
-
-@dataclass
-class _RoundProgress:
-    """Accepted updates of the round in progress."""
-
-    number: int
-    total: RunningSum
-    loss_sum: float = 0.0
-    slowest_train_s: float = 0.0
-    rejected: int = 0
-
-
-def _nothing() -> None:
-    """The cancel function of an upload that has no call to end (in-process callers)."""
-
-
-def _ended_error(upload: TrackedUpload, stall_timeout_s: float) -> GptflError:
-    """Why the coordinator ended an upload: what the silo and the metrics are told."""
-    task = upload.task
-    if upload.ended_for == "stalled":
-        return StalledUploadError(
-            f"the upload of task {task.task_id} sent nothing for more than "
-            f"{stall_timeout_s:g} s and was ended"
-        )
-    return StaleTaskError(f"round {task.round} closed during the upload of task {task.task_id}")
 
 
 class JobRunner:
@@ -113,6 +80,7 @@ class JobRunner:
         resume_from: Checkpoint | None = None,
         evaluator: ServerEvaluator | None = None,
         on_end: Callable[[JobRunner], None] | None = None,
+        round_planner: RoundPlanner = plain_round,
     ) -> None:
         self.job_id = job_id
         self.spec = spec
@@ -123,21 +91,19 @@ class JobRunner:
         self._metrics = metrics
         self._initial_model = initial_model
         self._upload_slots = UploadSlots(max_concurrent_uploads)
-        self._in_flight = InFlightUploads(upload_stall_timeout_s)
+        in_flight = InFlightUploads(upload_stall_timeout_s)
         self._keep = checkpoints_to_keep
+        self._plan_round = round_planner
         self._on_end = on_end
         self._strategy: Strategy = build_strategy(spec.strategy)
         self._evaluator = evaluator
         self._lock = threading.Lock()
-        self._fold_lock = threading.Lock()
         # Checkpoint writes and server-side evaluation run beside the job thread.
         self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"job-{job_id}")
         self._pending_checkpoint: Future[Path] | None = None
         self._stop = threading.Event()
         self._stop_reason = ""
         self._suspended = False
-        self._round: _RoundProgress | None = None
-        self._eval_results: dict[str, EvaluationReport] = {}
         self._global: ModelVersion | None = None
         self._thread = threading.Thread(target=self._run, name=f"job-{job_id}", daemon=True)
         if resume_from is not None:
@@ -150,6 +116,23 @@ class JobRunner:
             self.state = JobState(
                 job_id=job_id, spec=spec.model_dump(mode="json"), created_unix=time.time()
             )
+        #: what silos send this job, on gRPC threads (servicers call it directly)
+        self.intake = UpdateIntake(
+            state=self.state,
+            state_lock=self._lock,
+            board=board,
+            registry=registry,
+            metrics=metrics,
+            upload_slots=self._upload_slots,
+            in_flight=in_flight,
+        )
+        self._stages = StageRunner(
+            board=board,
+            make_tasks=self._make_tasks,
+            fold_lock=self.intake.fold_lock,
+            in_flight=in_flight,
+            stop=self._stop,
+        )
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -197,184 +180,6 @@ class JobRunner:
 
     def pull_task(self, silo_id: str, wait_s: float) -> TaskRecord | None:
         return self._board.pull(silo_id, wait_s)
-
-    def task_model(self, silo_id: str, task_id: str) -> tuple[Manifest, Iterator[Chunk]]:
-        """The model a silo's open task runs on, as a manifest and its chunks."""
-        task = self._board.lookup(silo_id, task_id, None)
-        version = task.model
-        sent = self._metrics.bytes_sent.labels(silo=silo_id)
-
-        def counted() -> Iterator[Chunk]:
-            for chunk in iter_chunks(version.weights, version.manifest, crcs=version.chunk_crcs):
-                sent.inc(len(chunk.data))
-                yield chunk
-
-        return version.manifest, counted()
-
-    def receive_update(
-        self, silo_id: str, header: UpdateHeader, manifest: Manifest, chunks: Iterator[Chunk]
-    ) -> None:
-        """Admits, verifies and folds a silo's update in one call (see :meth:`admit_update`)."""
-        with self.admit_update(silo_id, header) as receive:
-            receive(manifest, chunks)
-
-    @contextmanager
-    def admit_update(
-        self, silo_id: str, header: UpdateHeader, *, cancel: Callable[[], object] | None = None
-    ) -> Iterator[Callable[[Manifest, Iterator[Chunk]], None]]:
-        """Admits a silo's update: checks its header, claims its task, waits for an upload slot.
-
-        The block then receives the weights by calling the yielded function once with their
-        manifest and chunks: they are verified and folded into the round's running sum. The
-        Fleet servicer tells the silo to send its weights between the two steps, so a silo
-        that waits for a slot has nothing in flight. Every check happens before the aggregate
-        is touched; any failure, in the block too, is counted by reason and leaves the global
-        model and the sum as they were. ``cancel`` ends the upload's call: the round calls it
-        if it closes while the upload holds a slot, so a stalled silo cannot keep the slot.
-        """
-        try:
-            task = self._board.lookup(silo_id, header.task_id, TaskKind.TRAIN)
-            progress = self._round
-            if progress is None or task.round != progress.number or header.round != task.round:
-                raise StaleTaskError(
-                    f"task {task.task_id} is for round {task.round} but the upload says round "
-                    f"{header.round}; the round in progress is "
-                    f"{progress.number if progress else None}"
-                )
-            if header.num_examples <= 0:
-                raise ValidationError(f"num_examples must be positive, got {header.num_examples}")
-            self._board.claim(task)
-            outcome: list[bool] = []  # whether the update was folded, once received
-            tracked: TrackedUpload | None = None
-            try:
-                with self._upload_slots.slot(task.deadline_unix - time.time()) as lend:
-                    if lend is None:
-                        raise StaleTaskError(
-                            f"round {task.round} reached its deadline before an upload slot "
-                            f"freed up for task {task.task_id}"
-                        )
-                    slot_buffer = lend
-                    with self._in_flight.track(task, cancel or _nothing) as tracked:
-                        upload = tracked
-
-                        def receive(manifest: Manifest, chunks: Iterator[Chunk]) -> None:
-                            # the manifest is checked before its size decides a buffer's
-                            check_manifest(manifest, expected=task.model.manifest.specs)
-                            buffer = slot_buffer(manifest.total_bytes)
-                            weights = self._verified_update(
-                                silo_id, task, manifest, chunks, buffer, upload.touch
-                            )
-                            outcome.append(self._fold(task, progress, weights, header))
-
-                        yield receive
-                if not outcome:
-                    raise ValidationError(f"the upload of task {task.task_id} sent no weights")
-            except BaseException as exc:
-                self._board.release(task)
-                if isinstance(exc, GptflError) and tracked is not None and tracked.ended_for:
-                    raise _ended_error(tracked, self._in_flight.stall_timeout_s) from exc
-                raise
-            if not outcome[0]:
-                raise StaleTaskError(
-                    f"round {task.round} closed (deadline) before the upload of task "
-                    f"{task.task_id} completed"
-                )
-            self._registry.record_participation(silo_id, header.num_examples)
-            self._metrics.updates_accepted.inc()
-            self._metrics.silo_last_round.labels(silo=silo_id).set(task.round)
-            log.info(
-                "round %d: accepted update from %s (%d examples)",
-                task.round,
-                silo_id,
-                header.num_examples,
-            )
-        except GptflError as exc:
-            self._count_rejection(silo_id, exc)
-            raise
-
-    def _verified_update(
-        self,
-        silo_id: str,
-        task: TaskRecord,
-        manifest: Manifest,
-        chunks: Iterator[Chunk],
-        buffer: bytearray,
-        on_chunk: Callable[[], None],
-    ) -> WeightMap:
-        """Receives an update into ``buffer`` and verifies it (names, shapes, sums, values)."""
-        receiver = PayloadReceiver(manifest, expected=task.model.manifest.specs, buffer=buffer)
-        received = self._metrics.bytes_received.labels(silo=silo_id)
-        for chunk in chunks:
-            receiver.add(chunk)
-            received.inc(len(chunk.data))
-            on_chunk()
-        return receiver.finish()
-
-    def _fold(
-        self, task: TaskRecord, progress: _RoundProgress, weights: WeightMap, header: UpdateHeader
-    ) -> bool:
-        """Closes the task and folds its update and its training figures; False when the round
-        expired the task first.
-
-        All of it happens under the lock the round takes to expire its tasks: an upload
-        overtaken by the deadline is never half counted, and a round that closes as soon as
-        its last task is done sees that task's loss and example count.
-        """
-        with self._fold_lock:
-            if not self._board.finish(task, TaskStatus.DONE):
-                return False
-            progress.total.add(weights, header.num_examples)
-            with self._lock:
-                progress.loss_sum += (
-                    header.train_metrics.get("loss", math.nan) * header.num_examples
-                )
-                progress.slowest_train_s = max(progress.slowest_train_s, header.train_seconds)
-                summary = self.state.silos.setdefault(task.silo_id, SiloSummary())
-                summary.rounds_participated += 1
-                summary.examples += header.num_examples
-                summary.last_round = task.round
-            return True
-
-    def receive_evaluation(self, silo_id: str, result: EvaluationReport) -> None:
-        try:
-            task = self._board.lookup(silo_id, result.task_id, TaskKind.EVALUATE)
-            for key in ("loss", "accuracy"):
-                value = result.metrics.get(key)
-                if value is None or not math.isfinite(value):
-                    raise ValidationError(f"evaluation report lacks a finite {key!r}")
-            if result.num_examples <= 0:
-                raise ValidationError("evaluation report has no examples")
-            with self._fold_lock:
-                if not self._board.finish(task, TaskStatus.DONE):
-                    raise StaleTaskError(f"the evaluation of round {task.round} has closed")
-                with self._lock:
-                    self._eval_results[task.task_id] = result
-        except GptflError as exc:
-            self._count_rejection(silo_id, exc)
-            raise
-
-    def decline(self, silo_id: str, decline: Decline) -> None:
-        """A silo declines one of its open tasks: recorded with its reason (verbatim, cut to
-        500 characters), counted by kind, and shown by ``gptfl admin status``."""
-        task = self._board.lookup(silo_id, decline.task_id, None)
-        reason = decline.reason[:500]
-        if not self._board.finish(task, TaskStatus.DECLINED, reason):
-            return
-        self._metrics.tasks_declined.labels(kind=decline.kind).inc()
-        with self._lock:
-            summary = self.state.silos.setdefault(silo_id, SiloSummary())
-            summary.tasks_declined += 1
-            summary.last_decline_kind = decline.kind
-            summary.last_decline_reason = reason
-            summary.last_decline_round = task.round
-        log.warning(
-            "silo %s declined task %s (round %d, %s): %s",
-            silo_id,
-            decline.task_id,
-            task.round,
-            decline.kind,
-            reason,
-        )
 
     # ---- the job thread ---------------------------------------------------------------
 
@@ -513,9 +318,11 @@ class JobRunner:
         )
         return self._strategy.configure_local(settings)
 
-    def _make_tasks(self, number: int, kind: TaskKind, silos: list[str]) -> list[TaskRecord]:
+    def _make_tasks(
+        self, kind: TaskKind, silos: Sequence[str], deadline_unix: float
+    ) -> list[TaskRecord]:
         assert self._global is not None
-        deadline = time.time() + self.spec.round_deadline_s
+        number = self.state.round
         return [
             TaskRecord(
                 job_id=self.job_id,
@@ -525,7 +332,7 @@ class JobRunner:
                 model=self._global,
                 model_spec=self.spec.model,
                 local=self._local_settings(number, silo),
-                deadline_unix=deadline,
+                deadline_unix=deadline_unix,
             )
             for silo in silos
         ]
@@ -537,47 +344,54 @@ class JobRunner:
             return
         selected = self._select(number, connected)
         assert self._global is not None
-        tasks = self._make_tasks(number, TaskKind.TRAIN, selected)
-        progress = _RoundProgress(number, RunningSum(self._global.weights))
+        setup = RoundSetup(
+            number=number,
+            silos=tuple(selected),
+            global_model=self._global,
+            deadline_s=self.spec.round_deadline_s,
+        )
+        plan = self._plan_round(setup, self._strategy.round_fold(self._global))
+        progress = RoundProgress(number, plan.fold)
         # The first upload's receive buffer, allocated (and its pages faulted in) while the
         # silos train rather than when their updates arrive.
         self._upload_slots.prepare(self._global.manifest.total_bytes)
         last_rounds = self._silo_last_rounds()
         with self._lock:
-            self._round = progress
             self.state.round = number
             self.state.message = (
                 f"round {number}: training on {len(selected)} silos{self._fallback_note()}"
             )
+        self.intake.open_round(progress)
         self._metrics.current_round.set(number)
         for silo in selected:  # a silo that never reports shows as behind, not as missing
             self._metrics.silo_last_round.labels(silo=silo).set(last_rounds.get(silo, 0))
-        self._board.publish(tasks)
-        deadline = time.monotonic() + self.spec.round_deadline_s
-        while True:  # wake every second to end uploads that stall
-            self._board.wait_until(tasks, min(deadline, time.monotonic() + 1.0), self._stop)
-            done = all(t.status.finished for t in tasks)
-            if done or self._stop.is_set() or time.monotonic() >= deadline:
-                break
-            self._in_flight.end_stalled()
-        with self._fold_lock:
-            self._board.expire(tasks)
-        self._board.retire(tasks)  # final now; the records below are this round's own copies
-        self._in_flight.end_expired(tasks)
-        self._upload_slots.drop_spares()  # the round's receive buffers: no use until the next
-        if self._stop.is_set():
-            return
-        accepted = progress.total.count
+        try:
+            gathered = plan.gather(self._stages)
+            self._upload_slots.drop_spares()  # the receive buffers: no use until next round
+            if self._stop.is_set():
+                return
+            self._close_round(number, started, progress, gathered)
+        finally:
+            self.intake.close_round()
+
+    def _close_round(
+        self, number: int, started: float, progress: RoundProgress, gathered: StageResult
+    ) -> None:
+        """Applies the strategy to the round's average, evaluates, records, checkpoints."""
+        assert self._global is not None
+        fold = progress.fold
+        accepted = fold.count
+        selected = len(gathered.tasks)
         if accepted < self.spec.min_silos:
-            declined = [f"{t.silo_id}: {t.decline_reason}" for t in tasks if t.decline_reason]
+            declined = gathered.declines
             raise JobFailed(
-                f"round {number}: {accepted} of {len(tasks)} updates arrived within "
+                f"round {number}: {accepted} of {selected} updates arrived within "
                 f"round_deadline_s={self.spec.round_deadline_s:g}; min_silos is "
                 f"{self.spec.min_silos}"
                 + (f" (declined: {'; '.join(declined)})" if declined else "")
             )
         with self._metrics.aggregation_seconds.time():
-            average = progress.total.mean(in_place=True)  # the round takes no more updates
+            average = fold.average()
             new_weights = self._strategy.apply(self._global.weights, average)
             del average
             self._set_global(new_weights)
@@ -587,19 +401,17 @@ class JobRunner:
             if self._evaluator
             else None
         )
-        fed_loss, fed_acc, fed_n = self._federated_evaluation(
-            number, [t.silo_id for t in tasks if t.status is TaskStatus.DONE]
-        )
+        fed_loss, fed_acc, fed_n = self._federated_evaluation(progress, gathered.done)
         test = server_eval.result() if server_eval is not None else None
         record = RoundRecord(
             round=number,
-            silos_selected=len(tasks),
+            silos_selected=selected,
             updates_accepted=accepted,
             updates_rejected=progress.rejected,
-            examples=progress.total.total_examples,
+            examples=fold.total_examples,
             seconds=time.monotonic() - started,
             slowest_train_seconds=progress.slowest_train_s,
-            train_loss=progress.loss_sum / progress.total.total_examples,
+            train_loss=progress.train_loss,
             test_loss=test.loss if test else None,
             test_accuracy=test.accuracy if test else None,
             federated_loss=fed_loss,
@@ -608,7 +420,6 @@ class JobRunner:
         )
         with self._lock:
             self.state.rounds.append(record)
-            self._round = None
         self._checkpoint()
         record = replace(record, seconds=time.monotonic() - started)
         with self._lock:
@@ -620,31 +431,30 @@ class JobRunner:
             self.spec.rounds,
             record.seconds,
             accepted,
-            len(tasks),
+            selected,
             percent(record.test_accuracy),
             percent(record.federated_accuracy),
         )
 
     def _federated_evaluation(
-        self, number: int, silos: list[str]
+        self, progress: RoundProgress, silos: list[str]
     ) -> tuple[float | None, float | None, int]:
         if not self.spec.evaluation.federated or not silos:
             return None, None, 0
-        tasks = self._make_tasks(number, TaskKind.EVALUATE, silos)
-        self._board.publish(tasks)
-        self._board.wait_until(tasks, time.monotonic() + self.spec.round_deadline_s, self._stop)
-        with self._fold_lock:
-            self._board.expire(tasks)
-        self._board.retire(tasks)
+        result = self._stages.run(
+            Stage("evaluate", TaskKind.EVALUATE, tuple(silos), self.spec.round_deadline_s)
+        )
         with self._lock:
-            results = [
-                self._eval_results.pop(t.task_id) for t in tasks if t.task_id in self._eval_results
+            reports = [
+                progress.evaluations.pop(t.task_id)
+                for t in result.tasks
+                if t.task_id in progress.evaluations
             ]
-        n = sum(r.num_examples for r in results)
+        n = sum(r.num_examples for r in reports)
         if n == 0:
             return None, None, 0
-        loss = sum(r.metrics["loss"] * r.num_examples for r in results) / n
-        acc = sum(r.metrics["accuracy"] * r.num_examples for r in results) / n
+        loss = sum(r.metrics["loss"] * r.num_examples for r in reports) / n
+        acc = sum(r.metrics["accuracy"] * r.num_examples for r in reports) / n
         return loss, acc, n
 
     def _export_round_metrics(self, record: RoundRecord) -> None:
@@ -658,14 +468,6 @@ class JobRunner:
             if acc is not None and loss is not None:
                 m.model_accuracy.labels(source=source).set(acc)
                 m.model_loss.labels(source=source).set(loss)
-
-    def _count_rejection(self, silo_id: str, exc: GptflError) -> None:
-        self._metrics.updates_rejected.labels(reason=exc.reason).inc()
-        with self._lock:
-            self.state.silos.setdefault(silo_id, SiloSummary()).updates_rejected += 1
-            if self._round is not None:
-                self._round.rejected += 1
-        log.warning("rejected %s from %s: %s", exc.reason, silo_id, exc)
 
     def _checkpoint(self) -> None:
         """Writes a checkpoint of this moment in the background.

@@ -31,6 +31,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from coordinator.round_fold import RoundFold, WeightedMeanFold
+from coordinator.tasks import ModelVersion
 from gptfl.job_spec import AdaptiveSpec, FedAvgMSpec, FedAvgSpec, FedProxSpec, StrategySpec
 from gptfl.task import LocalSettings
 from gptfl.weights import WeightMap
@@ -48,6 +50,14 @@ class Strategy(ABC):
         every other field as it came: a wrapper calls its inner strategy's hook first.
         """
         return settings
+
+    def round_fold(self, global_model: ModelVersion) -> RoundFold:
+        """How a round folds the silos' updates (the sample-weighted running sum by default).
+
+        A wrapper can wrap the fold (clip each update before it folds), a robust strategy
+        can keep every update and reduce them at the close.
+        """
+        return WeightedMeanFold(global_model.weights, global_model.manifest.specs)
 
     @abstractmethod
     def apply(self, global_weights: Mapping[str, torch.Tensor], average: WeightMap) -> WeightMap:
@@ -77,6 +87,9 @@ class StrategyWrapper(Strategy):
 
     def configure_local(self, settings: LocalSettings) -> LocalSettings:
         return self.inner.configure_local(settings)
+
+    def round_fold(self, global_model: ModelVersion) -> RoundFold:
+        return self.inner.round_fold(global_model)
 
     def apply(self, global_weights: Mapping[str, torch.Tensor], average: WeightMap) -> WeightMap:
         return self.inner.apply(global_weights, average)

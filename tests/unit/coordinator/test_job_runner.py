@@ -152,7 +152,7 @@ def pull(runner: JobRunner, silo: str, kind: TaskKind = TaskKind.TRAIN) -> TaskR
 
 
 def download(runner: JobRunner, silo: str, task: TaskRecord) -> WeightMap:
-    manifest, chunks = runner.task_model(silo, task.task_id)
+    manifest, chunks = runner.intake.task_model(silo, task.task_id)
     assert manifest.sha256 == task.spec().model_sha256
     return {k: v.clone() for k, v in receive_all(manifest, chunks).items()}
 
@@ -179,7 +179,7 @@ def upload(
         train_metrics={"loss": loss},
         train_seconds=0.01,
     )
-    runner.receive_update(silo, header, manifest, iter(chunks))
+    runner.intake.receive_update(silo, header, manifest, iter(chunks))
 
 
 def weighted_mean(updates: list[tuple[WeightMap, int]]) -> WeightMap:
@@ -462,7 +462,7 @@ def test_an_upload_overtaken_by_the_deadline_is_not_reported_accepted(
     def upload_b() -> None:
         header = UpdateHeader(tb.task_id, 1, 10, {"loss": 1.0}, 0.01)
         try:
-            runner.receive_update("b", header, manifest, stalled())
+            runner.intake.receive_update("b", header, manifest, stalled())
             outcome["result"] = "accepted"
         except GptflError as exc:
             outcome["result"] = exc
@@ -500,7 +500,7 @@ def test_a_decline_is_recorded_and_ends_the_wait(coord: Coordinator) -> None:
     runner = coord.runner(_spec(rounds=1, min_silos=2, round_deadline_s=60))
     ta, tb = pull(runner, "a"), pull(runner, "b")
     upload(runner, "a", ta, _shifted(INITIAL, 1), 10)
-    runner.decline("b", Decline(tb.task_id, "not enough memory"))
+    runner.intake.decline("b", Decline(tb.task_id, "not enough memory"))
     assert tb.status is TaskStatus.DECLINED
     assert tb.decline_reason == "not enough memory"
     finish(runner, Phase.FAILED)
@@ -509,14 +509,14 @@ def test_a_decline_is_recorded_and_ends_the_wait(coord: Coordinator) -> None:
     with pytest.raises(StaleTaskError):
         upload(runner, "b", tb, _shifted(INITIAL, 2), 10)
     with pytest.raises(PermissionDeniedError):
-        runner.decline("a", Decline(tb.task_id, "not mine"))
+        runner.intake.decline("a", Decline(tb.task_id, "not mine"))
 
 
 def test_a_decline_does_not_stop_a_round_that_has_quorum(coord: Coordinator) -> None:
     runner = coord.runner(_spec(rounds=1, min_silos=1))
     ta, tb = pull(runner, "a"), pull(runner, "b")
     wa = _shifted(INITIAL, 1)
-    runner.decline("b", Decline(tb.task_id, "maintenance window"))
+    runner.intake.decline("b", Decline(tb.task_id, "maintenance window"))
     upload(runner, "a", ta, wa, 10)
     finish(runner, Phase.FINISHED)
     assert_close(global_weights(runner), wa)
@@ -538,16 +538,16 @@ def test_federated_evaluation_is_sample_weighted(coord: Coordinator) -> None:
     assert ea.round == 1
     # silos evaluate the new global model, not the one they trained on
     assert_close(download(runner, "a", ea), weighted_mean([(wa, 10), (wb, 10)]))
-    with pytest.raises(ValidationError, match="finite 'accuracy'"):
-        runner.receive_evaluation(
+    with pytest.raises(NonFiniteError, match="'accuracy' is nan, not a finite number"):
+        runner.intake.receive_evaluation(
             "a", EvaluationReport(ea.task_id, 1, 10, {"loss": 1.0, "accuracy": float("nan")})
         )
     with pytest.raises(StaleTaskError, match="is a evaluate task"):
         upload(runner, "a", ea, wa, 10)  # a model upload for an evaluation task
-    runner.receive_evaluation(
+    runner.intake.receive_evaluation(
         "a", EvaluationReport(ea.task_id, 1, 10, {"loss": 2.0, "accuracy": 0.5})
     )
-    runner.receive_evaluation(
+    runner.intake.receive_evaluation(
         "b", EvaluationReport(eb.task_id, 1, 30, {"loss": 1.0, "accuracy": 0.9})
     )
     finish(runner, Phase.FINISHED)
@@ -555,7 +555,7 @@ def test_federated_evaluation_is_sample_weighted(coord: Coordinator) -> None:
     assert record.federated_examples == 40
     assert record.federated_accuracy == pytest.approx(0.8)
     assert record.federated_loss == pytest.approx(1.25)
-    assert coord.rejected("invalid") == 1
+    assert coord.rejected("non_finite") == 1
     assert coord.rejected("stale_task") == 1
     accuracy = coord.metrics.registry.get_sample_value(
         "gptfl_global_model_accuracy", {"source": "federated"}

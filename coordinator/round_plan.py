@@ -1,0 +1,88 @@
+"""How a round gathers the silos' updates: its fold and the stages that fill it.
+
+The job thread (:mod:`coordinator.job_runner`) asks a planner for each round's
+:class:`RoundPlan`, opens the plan's fold to the update intake, and lets the plan run its
+stages; once the plan returns, the fold's average goes to the strategy and the round's
+evaluation stage follows. A plain round gathers with one training stage
+(:class:`PlainRound`); a secure-aggregation round would advertise keys, share keys, collect
+masked inputs and unmask, each stage through the same :class:`StageRunner`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from coordinator.round_fold import RoundFold
+from coordinator.round_stages import Stage, StageResult, StageRunner
+from coordinator.tasks import ModelVersion
+from gptfl.fleet_messages import EvaluationReport
+from gptfl.task import TaskKind
+
+
+@dataclass
+class RoundProgress:
+    """What the round in progress has received so far (guarded by the intake's locks)."""
+
+    number: int
+    fold: RoundFold
+    loss_sum: float = 0.0
+    slowest_train_s: float = 0.0
+    rejected: int = 0
+    #: evaluation reports by task id, taken by the evaluation stage once it ends
+    evaluations: dict[str, EvaluationReport] = field(default_factory=dict)
+
+    @property
+    def train_loss(self) -> float:
+        """The sample-weighted training loss of the accepted updates (nan before any)."""
+        total = self.fold.total_examples
+        return self.loss_sum / total if total else math.nan
+
+
+@dataclass(frozen=True)
+class RoundSetup:
+    """What a planner is told about the round to plan."""
+
+    number: int
+    silos: tuple[str, ...]
+    global_model: ModelVersion
+    deadline_s: float
+
+
+class RoundPlan(ABC):
+    """One round's way of gathering updates."""
+
+    def __init__(self, fold: RoundFold) -> None:
+        self.fold = fold
+
+    @abstractmethod
+    def gather(self, stages: StageRunner) -> StageResult:
+        """Runs the stages that fill :attr:`fold`.
+
+        Returns:
+            The result of the stage whose finished silos are the round's participants (they
+            are asked to evaluate the new model).
+        """
+
+
+#: makes a round's plan; the job runner's default is :func:`plain_round` over the
+#: strategy's fold
+RoundPlanner = Callable[[RoundSetup, RoundFold], RoundPlan]
+
+
+class PlainRound(RoundPlan):
+    """Every selected silo trains and uploads its model; uploads fold as they arrive."""
+
+    def __init__(self, setup: RoundSetup, fold: RoundFold) -> None:
+        super().__init__(fold)
+        self._setup = setup
+
+    def gather(self, stages: StageRunner) -> StageResult:
+        setup = self._setup
+        return stages.run(Stage("train", TaskKind.TRAIN, setup.silos, setup.deadline_s))
+
+
+def plain_round(setup: RoundSetup, fold: RoundFold) -> RoundPlan:
+    return PlainRound(setup, fold)

@@ -1,0 +1,284 @@
+"""What silos send a running job, received on gRPC threads: updates, evaluations, declines.
+
+The intake validates every message before it touches the round: the task must be the
+caller's, open and of the right kind and round; the header's figures must be finite; the
+weights must match what the round's fold expects (:class:`coordinator.round_fold.RoundFold`),
+arrive in order with their checksums, and be finite. Only then does the fold take them.
+Any failure is counted by reason and leaves the global model and the round's fold as they
+were. The job thread (:mod:`coordinator.job_runner`) opens and closes rounds on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from coordinator.inflight_uploads import InFlightUploads, TrackedUpload
+from coordinator.job_state import JobState, SiloSummary
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.round_plan import RoundProgress
+from coordinator.silo_registry import SiloRegistry
+from coordinator.tasks import TaskBoard, TaskRecord, TaskStatus
+from coordinator.upload_slots import UploadSlots
+from gptfl.errors import GptflError, StaleTaskError, StalledUploadError, ValidationError
+from gptfl.fleet_messages import Decline, EvaluationReport, UpdateHeader, check_metrics
+from gptfl.task import TaskKind
+from gptfl.weights import Chunk, Manifest, PayloadReceiver, WeightMap, check_manifest, iter_chunks
+
+log = logging.getLogger(__name__)
+
+#: the longest decline reason kept (the rest of a longer one is cut)
+MAX_DECLINE_REASON = 500
+
+Receive = Callable[[Manifest, Iterator[Chunk]], None]
+
+
+def _nothing() -> None:
+    """The cancel function of an upload that has no call to end (in-process callers)."""
+
+
+def _ended_error(upload: TrackedUpload, stall_timeout_s: float) -> GptflError:
+    """Why the coordinator ended an upload: what the silo and the metrics are told."""
+    task = upload.task
+    if upload.ended_for == "stalled":
+        return StalledUploadError(
+            f"the upload of task {task.task_id} sent nothing for more than "
+            f"{stall_timeout_s:g} s and was ended"
+        )
+    return StaleTaskError(f"round {task.round} closed during the upload of task {task.task_id}")
+
+
+class UpdateIntake:
+    """Receives one job's uploads, evaluation reports and declines (thread-safe)."""
+
+    def __init__(
+        self,
+        *,
+        state: JobState,
+        state_lock: threading.Lock,
+        board: TaskBoard,
+        registry: SiloRegistry,
+        metrics: CoordinatorMetrics,
+        upload_slots: UploadSlots,
+        in_flight: InFlightUploads,
+    ) -> None:
+        self._state = state
+        self._lock = state_lock
+        self._board = board
+        self._registry = registry
+        self._metrics = metrics
+        self._upload_slots = upload_slots
+        self._in_flight = in_flight
+        #: taken while a task closes and its update folds, and while a stage expires its
+        #: tasks: an upload overtaken by the deadline is never half counted
+        self.fold_lock = threading.Lock()
+        self._round: RoundProgress | None = None
+
+    # ---- the job thread opens and closes rounds ----------------------------------------
+
+    def open_round(self, progress: RoundProgress) -> None:
+        with self._lock:
+            self._round = progress
+
+    def close_round(self) -> None:
+        with self._lock:
+            self._round = None
+
+    # ---- downloads ---------------------------------------------------------------------
+
+    def task_model(self, silo_id: str, task_id: str) -> tuple[Manifest, Iterator[Chunk]]:
+        """The model a silo's open task runs on, as a manifest and its chunks."""
+        task = self._board.lookup(silo_id, task_id, None)
+        version = task.model
+        sent = self._metrics.bytes_sent.labels(silo=silo_id)
+
+        def counted() -> Iterator[Chunk]:
+            for chunk in iter_chunks(version.weights, version.manifest, crcs=version.chunk_crcs):
+                sent.inc(len(chunk.data))
+                yield chunk
+
+        return version.manifest, counted()
+
+    # ---- uploads -----------------------------------------------------------------------
+
+    def receive_update(
+        self, silo_id: str, header: UpdateHeader, manifest: Manifest, chunks: Iterator[Chunk]
+    ) -> None:
+        """Admits, verifies and folds a silo's update in one call (see :meth:`admit_update`)."""
+        with self.admit_update(silo_id, header) as receive:
+            receive(manifest, chunks)
+
+    @contextmanager
+    def admit_update(
+        self, silo_id: str, header: UpdateHeader, *, cancel: Callable[[], object] | None = None
+    ) -> Iterator[Receive]:
+        """Admits a silo's update: checks its header, claims its task, waits for an upload slot.
+
+        The block then receives the weights by calling the yielded function once with their
+        manifest and chunks: they are verified against the round's fold and folded in. The
+        Fleet servicer tells the silo to send its weights between the two steps, so a silo
+        that waits for a slot has nothing in flight. Every check happens before the fold is
+        touched; any failure, in the block too, is counted by reason and leaves the global
+        model and the fold as they were. ``cancel`` ends the upload's call: the round calls
+        it if it closes while the upload holds a slot, so a stalled silo cannot keep the slot.
+        """
+        try:
+            task = self._board.lookup(silo_id, header.task_id, TaskKind.TRAIN)
+            progress = self._round
+            if progress is None or task.round != progress.number or header.round != task.round:
+                raise StaleTaskError(
+                    f"task {task.task_id} is for round {task.round} but the upload says round "
+                    f"{header.round}; the round in progress is "
+                    f"{progress.number if progress else None}"
+                )
+            header.check()
+            self._board.claim(task)
+            outcome: list[bool] = []  # whether the update was folded, once received
+            tracked: TrackedUpload | None = None
+            try:
+                with self._upload_slots.slot(task.deadline_unix - time.time()) as lend:
+                    if lend is None:
+                        raise StaleTaskError(
+                            f"round {task.round} reached its deadline before an upload slot "
+                            f"freed up for task {task.task_id}"
+                        )
+                    slot_buffer = lend
+                    with self._in_flight.track(task, cancel or _nothing) as tracked:
+                        upload = tracked
+
+                        def receive(manifest: Manifest, chunks: Iterator[Chunk]) -> None:
+                            # the manifest is checked before its size decides a buffer's
+                            fold = progress.fold
+                            check_manifest(manifest, expected=fold.expected)
+                            buffer = slot_buffer(manifest.total_bytes)
+                            weights = self._verified_update(
+                                silo_id, manifest, chunks, buffer, upload.touch, progress
+                            )
+                            outcome.append(self._fold(task, progress, weights, header))
+
+                        yield receive
+                if not outcome:
+                    raise ValidationError(f"the upload of task {task.task_id} sent no weights")
+            except BaseException as exc:
+                self._board.release(task)
+                if isinstance(exc, GptflError) and tracked is not None and tracked.ended_for:
+                    raise _ended_error(tracked, self._in_flight.stall_timeout_s) from exc
+                raise
+            if not outcome[0]:
+                raise StaleTaskError(
+                    f"round {task.round} closed (deadline) before the upload of task "
+                    f"{task.task_id} completed"
+                )
+            self._registry.record_participation(silo_id, header.num_examples)
+            self._metrics.updates_accepted.inc()
+            self._metrics.silo_last_round.labels(silo=silo_id).set(task.round)
+            log.info(
+                "round %d: accepted update from %s (%d examples)",
+                task.round,
+                silo_id,
+                header.num_examples,
+            )
+        except GptflError as exc:
+            self._count_rejection(silo_id, exc)
+            raise
+
+    def _verified_update(
+        self,
+        silo_id: str,
+        manifest: Manifest,
+        chunks: Iterator[Chunk],
+        buffer: bytearray,
+        on_chunk: Callable[[], None],
+        progress: RoundProgress,
+    ) -> WeightMap:
+        """Receives an update into ``buffer`` and verifies it (layout, sums, values)."""
+        fold = progress.fold
+        receiver = PayloadReceiver(manifest, expected=fold.expected, buffer=buffer)
+        received = self._metrics.bytes_received.labels(silo=silo_id)
+        for chunk in chunks:
+            receiver.add(chunk)
+            received.inc(len(chunk.data))
+            on_chunk()
+        return receiver.finish(require_finite=not fold.integer_payload)
+
+    def _fold(
+        self, task: TaskRecord, progress: RoundProgress, weights: WeightMap, header: UpdateHeader
+    ) -> bool:
+        """Closes the task and folds its update and its training figures; False when the round
+        expired the task first.
+
+        All of it happens under the fold lock the stage takes to expire its tasks: an upload
+        overtaken by the deadline is never half counted, and a round that closes as soon as
+        its last task is done sees that task's loss and example count.
+        """
+        with self.fold_lock:
+            if not self._board.finish(task, TaskStatus.DONE):
+                return False
+            progress.fold.fold(weights, header)
+            with self._lock:
+                progress.loss_sum += (
+                    header.train_metrics.get("loss", math.nan) * header.num_examples
+                )
+                progress.slowest_train_s = max(progress.slowest_train_s, header.train_seconds)
+                summary = self._state.silos.setdefault(task.silo_id, SiloSummary())
+                summary.rounds_participated += 1
+                summary.examples += header.num_examples
+                summary.last_round = task.round
+            return True
+
+    # ---- evaluations and declines --------------------------------------------------------
+
+    def receive_evaluation(self, silo_id: str, report: EvaluationReport) -> None:
+        try:
+            task = self._board.lookup(silo_id, report.task_id, TaskKind.EVALUATE)
+            for key in ("loss", "accuracy"):
+                if key not in report.metrics:
+                    raise ValidationError(f"evaluation report lacks a finite {key!r}")
+            check_metrics(report.metrics, what="evaluation metric")
+            if report.num_examples <= 0:
+                raise ValidationError("evaluation report has no examples")
+            with self.fold_lock:
+                if not self._board.finish(task, TaskStatus.DONE):
+                    raise StaleTaskError(f"the evaluation of round {task.round} has closed")
+                with self._lock:
+                    if self._round is not None:
+                        self._round.evaluations[task.task_id] = report
+        except GptflError as exc:
+            self._count_rejection(silo_id, exc)
+            raise
+
+    def decline(self, silo_id: str, decline: Decline) -> None:
+        """A silo declines one of its open tasks: recorded with its reason (verbatim, cut to
+        :data:`MAX_DECLINE_REASON` characters), counted by kind, and shown by
+        ``gptfl admin status``."""
+        task = self._board.lookup(silo_id, decline.task_id, None)
+        reason = decline.reason[:MAX_DECLINE_REASON]
+        if not self._board.finish(task, TaskStatus.DECLINED, reason):
+            return
+        self._metrics.tasks_declined.labels(kind=decline.kind).inc()
+        with self._lock:
+            summary = self._state.silos.setdefault(silo_id, SiloSummary())
+            summary.tasks_declined += 1
+            summary.last_decline_kind = decline.kind
+            summary.last_decline_reason = reason
+            summary.last_decline_round = task.round
+        log.warning(
+            "silo %s declined task %s (round %d, %s): %s",
+            silo_id,
+            decline.task_id,
+            task.round,
+            decline.kind,
+            reason,
+        )
+
+    def _count_rejection(self, silo_id: str, exc: GptflError) -> None:
+        self._metrics.updates_rejected.labels(reason=exc.reason).inc()
+        with self._lock:
+            self._state.silos.setdefault(silo_id, SiloSummary()).updates_rejected += 1
+            if self._round is not None:
+                self._round.rejected += 1
+        log.warning("rejected %s from %s: %s", exc.reason, silo_id, exc)
