@@ -68,7 +68,21 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             summary_json=json.dumps(view.summary) if view.summary is not None else "",
         )
         if view.state is not None:
+            spent = view.state.silo_level_privacy
+            if spent:
+                reply.silo_level_epsilon = spent["epsilon"]
+                reply.silo_level_delta = spent["delta"]
             for silo_id, silo in sorted(view.state.silos.items()):
+                if silo.privacy_epsilon is not None or silo.privacy_flag:
+                    reply.privacy.append(
+                        admin_pb2.SiloPrivacy(
+                            silo_id=silo_id,
+                            epsilon=silo.privacy_epsilon or 0.0,
+                            delta=silo.privacy_delta or 0.0,
+                            accountant=silo.privacy_accountant,
+                            flag=silo.privacy_flag,
+                        )
+                    )
                 if silo.tasks_declined:
                     reply.declines.append(
                         admin_pb2.SiloDeclines(

@@ -32,12 +32,13 @@ from coordinator.job_state import (
     finite_or_none,
     percent,
 )
+from coordinator.job_strategy import strategy_for_job
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.report import export_job
 from coordinator.round_plan import RoundPlanner, RoundProgress, RoundSetup, plain_round
 from coordinator.round_stages import Stage, StageResult, StageRunner
 from coordinator.silo_registry import SiloRegistry
-from coordinator.strategies import Strategy, build_strategy
+from coordinator.strategies import Strategy
 from coordinator.tasks import ModelVersion, TaskBoard, TaskRecord
 from coordinator.update_intake import UpdateIntake
 from coordinator.upload_slots import UploadSlots
@@ -95,7 +96,7 @@ class JobRunner:
         self._keep = checkpoints_to_keep
         self._plan_round = round_planner
         self._on_end = on_end
-        self._strategy: Strategy = build_strategy(spec.strategy)
+        self._strategy: Strategy = strategy_for_job(spec)
         self._evaluator = evaluator
         self._lock = threading.Lock()
         # Checkpoint writes and server-side evaluation run beside the job thread.
@@ -125,6 +126,7 @@ class JobRunner:
             metrics=metrics,
             upload_slots=self._upload_slots,
             in_flight=in_flight,
+            require_dp=spec.require_dp,
         )
         self._stages = StageRunner(
             board=board,
@@ -186,8 +188,16 @@ class JobRunner:
     def _run(self) -> None:
         try:
             self._metrics.total_rounds.set(self.spec.rounds)
+            with self._lock:
+                epsilons = {
+                    silo: summary.privacy_epsilon
+                    for silo, summary in self.state.silos.items()
+                    if summary.privacy_epsilon is not None
+                }
             self._metrics.begin_job(
-                current_round=self.state.round, silo_last_rounds=self._silo_last_rounds()
+                current_round=self.state.round,
+                silo_last_rounds=self._silo_last_rounds(),
+                silo_epsilons=epsilons,
             )
             if self._global is None:
                 self._initialise()
@@ -347,10 +357,11 @@ class JobRunner:
         setup = RoundSetup(
             number=number,
             silos=tuple(selected),
+            connected=len(connected),
             global_model=self._global,
             deadline_s=self.spec.round_deadline_s,
         )
-        plan = self._plan_round(setup, self._strategy.round_fold(self._global))
+        plan = self._plan_round(setup, self._strategy.round_fold(setup))
         progress = RoundProgress(number, plan.fold)
         # The first upload's receive buffer, allocated (and its pages faulted in) while the
         # silos train rather than when their updates arrive.
@@ -395,6 +406,11 @@ class JobRunner:
             new_weights = self._strategy.apply(self._global.weights, average)
             del average
             self._set_global(new_weights)
+        spent = self._strategy.privacy_spent()
+        if spent:
+            with self._lock:
+                self.state.silo_level_privacy = spent
+            self._metrics.job_privacy_epsilon.set(spent["epsilon"])
         # Server-side evaluation runs while the silos evaluate: both sit on the round's path.
         server_eval = (
             self._background.submit(self._evaluator.evaluate, new_weights)

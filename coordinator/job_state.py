@@ -82,6 +82,12 @@ class SiloSummary:
     last_decline_kind: str = ""
     last_decline_reason: str = ""
     last_decline_round: int = 0
+    #: the silo's cumulative sample-level privacy spend it last reported (None: no DP)
+    privacy_epsilon: float | None = None
+    privacy_delta: float | None = None
+    privacy_accountant: str = ""
+    #: why the silo's privacy reports look wrong (e.g. an epsilon that went down), if they do
+    privacy_flag: str = ""
 
 
 #: the job's final state, written in its folder before the report: a coordinator that
@@ -100,6 +106,8 @@ class JobState:
     silos: dict[str, SiloSummary] = field(default_factory=dict)
     #: where the initial model came from: random init, a file, or the GPT-FL pretrain phase
     initialisation: dict[str, Any] = field(default_factory=dict)
+    #: silo-level DP on the aggregate: settings and the (epsilon, delta) spent so far
+    silo_level_privacy: dict[str, Any] = field(default_factory=dict)
     created_unix: float = 0.0
     finished_unix: float | None = None
 
@@ -113,6 +121,7 @@ class JobState:
             "rounds": [r.to_json() for r in self.rounds],
             "silos": {k: asdict(v) for k, v in sorted(self.silos.items())},
             "initialisation": self.initialisation,
+            "silo_level_privacy": self.silo_level_privacy,
             "created_unix": self.created_unix,
             "finished_unix": self.finished_unix,
         }
@@ -128,6 +137,7 @@ class JobState:
             rounds=[RoundRecord.from_json(r) for r in data["rounds"]],
             silos={k: SiloSummary(**v) for k, v in data.get("silos", {}).items()},
             initialisation=data.get("initialisation", {}),
+            silo_level_privacy=data.get("silo_level_privacy", {}),
             created_unix=data.get("created_unix", 0.0),
             finished_unix=data.get("finished_unix"),
         )

@@ -39,6 +39,8 @@ class CoordinatorMetrics:
     model_accuracy: Gauge
     model_loss: Gauge
     silo_last_round: Gauge
+    silo_privacy_epsilon: Gauge
+    job_privacy_epsilon: Gauge
     job_phase: Gauge
 
     @classmethod
@@ -55,7 +57,13 @@ class CoordinatorMetrics:
             metrics.job_phase.labels(phase=phase.value).set(1 if phase is Phase.NO_JOB else 0)
         return metrics
 
-    def begin_job(self, *, current_round: int, silo_last_rounds: Mapping[str, int]) -> None:
+    def begin_job(
+        self,
+        *,
+        current_round: int,
+        silo_last_rounds: Mapping[str, int],
+        silo_epsilons: Mapping[str, float] | None = None,
+    ) -> None:
         """A job starts or resumes: the per-job gauges show this job, not the one before.
 
         Per-silo rounds of an earlier job would make a silo that is absent from this one look
@@ -64,8 +72,11 @@ class CoordinatorMetrics:
         """
         self.current_round.set(current_round)
         self.silo_last_round.clear()
+        self.silo_privacy_epsilon.clear()
         for silo, last_round in silo_last_rounds.items():
             self.silo_last_round.labels(silo=silo).set(last_round)
+        for silo, epsilon in (silo_epsilons or {}).items():
+            self.silo_privacy_epsilon.labels(silo=silo).set(epsilon)
 
     @classmethod
     def _build(cls, reg: CollectorRegistry) -> CoordinatorMetrics:
@@ -138,6 +149,18 @@ class CoordinatorMetrics:
                 "gptfl_silo_last_round",
                 "The last round in which each silo's update was accepted.",
                 ["silo"],
+                registry=reg,
+            ),
+            silo_privacy_epsilon=Gauge(
+                "gptfl_silo_privacy_epsilon",
+                "The cumulative sample-level DP epsilon each silo reported with its last "
+                "accepted update in this job.",
+                ["silo"],
+                registry=reg,
+            ),
+            job_privacy_epsilon=Gauge(
+                "gptfl_job_privacy_epsilon",
+                "Silo-level DP: the job's epsilon so far (DP-FedAvg on the aggregate).",
                 registry=reg,
             ),
             job_phase=Gauge(

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from coordinator.job_state import JobState
+from coordinator.job_state import JobState, SiloSummary
 from coordinator.tasks import ModelVersion
 from gptfl import atomic_io
 from gptfl.weights_io import save_weights
@@ -41,16 +41,51 @@ def build_summary(state: JobState, *, model_sha256: str | None) -> dict[str, Any
             key: last.get(key)
             for key in ("test_accuracy", "test_loss", "federated_accuracy", "federated_loss")
         },
-        "silos": {
-            silo: {
-                "rounds_participated": s.rounds_participated,
-                "examples": s.examples,
-                "updates_rejected": s.updates_rejected,
-            }
-            for silo, s in sorted(state.silos.items())
-        },
+        "silos": {silo: _silo_summary(s) for silo, s in sorted(state.silos.items())},
+        "silo_level_privacy": state.silo_level_privacy or None,
         "rounds": rounds,
         "spec": state.spec,
+    }
+
+
+def _silo_summary(s: SiloSummary) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "rounds_participated": s.rounds_participated,
+        "examples": s.examples,
+        "updates_rejected": s.updates_rejected,
+        "tasks_declined": s.tasks_declined,
+        # the sample-level DP spend the silo reported last (None: it trained without DP)
+        "privacy": (
+            {
+                "epsilon": s.privacy_epsilon,
+                "delta": s.privacy_delta,
+                "accountant": s.privacy_accountant,
+            }
+            if s.privacy_epsilon is not None
+            else None
+        ),
+    }
+    if s.tasks_declined:
+        summary["last_decline"] = {
+            "round": s.last_decline_round,
+            "kind": s.last_decline_kind,
+            "reason": s.last_decline_reason,
+        }
+    if s.privacy_flag:
+        summary["privacy_flag"] = s.privacy_flag
+    return summary
+
+
+def privacy_metadata(state: JobState) -> dict[str, Any]:
+    """What the model's metadata says of privacy: each silo's reported spend, and the
+    silo-level guarantee of the aggregate when the job had one."""
+    return {
+        "silos": {
+            silo: {"epsilon": s.privacy_epsilon, "delta": s.privacy_delta}
+            for silo, s in sorted(state.silos.items())
+            if s.privacy_epsilon is not None
+        },
+        "silo_level": state.silo_level_privacy or None,
     }
 
 
@@ -193,10 +228,42 @@ def render_markdown(summary: Mapping[str, Any], *, plot_name: str | None) -> str
             f"{_fmt(r['federated_accuracy'], True)} | {_fmt(r['train_loss'])} | "
             f"{r['updates_accepted']}/{r['silos_selected']} | {r['seconds']:.2f} |"
         )
-    lines += ["", "## Silos", "", "| silo | rounds | examples |", "|---|---:|---:|"]
+    lines += [
+        "",
+        "## Silos",
+        "",
+        "| silo | rounds | examples | epsilon (delta) | declined |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for silo, s in summary["silos"].items():
-        lines.append(f"| {silo} | {s['rounds_participated']} | {s['examples']} |")
+        privacy = s.get("privacy")
+        spend = f"{privacy['epsilon']:.3g} ({privacy['delta']:.1g})" if privacy else "no DP"
+        lines.append(
+            f"| {silo} | {s['rounds_participated']} | {s['examples']} | {spend} | "
+            f"{s.get('tasks_declined', 0)} |"
+        )
+    notes = [
+        f"- {silo}: {s['privacy_flag']}"
+        for silo, s in summary["silos"].items()
+        if "privacy_flag" in s
+    ]
+    lines += [""] + (["Privacy flags:", "", *notes, ""] if notes else [])
+    lines += _privacy_section(summary.get("silo_level_privacy"))
     return "\n".join(lines) + "\n"
+
+
+def _privacy_section(silo_level: Mapping[str, Any] | None) -> list[str]:
+    if not silo_level:
+        return []
+    return [
+        "## Silo-level differential privacy",
+        "",
+        f"{silo_level['mechanism']}: updates clipped to {silo_level['clip_norm']:g}, noise "
+        f"multiplier {silo_level['noise_multiplier']:.4g}; after {silo_level['rounds']} rounds "
+        f"the aggregate is ({silo_level['epsilon']:.3g}, {silo_level['delta']:g})-DP for each "
+        f"silo's whole data ({silo_level['accountant']} accountant). See docs/privacy.md.",
+        "",
+    ]
 
 
 def export_job(state: JobState, model: ModelVersion | None, out_dir: Path) -> dict[str, Any]:
@@ -213,6 +280,7 @@ def export_job(state: JobState, model: ModelVersion | None, out_dir: Path) -> di
                 "rounds": len(state.rounds),
                 "model": state.spec.get("model"),
                 "initialisation": state.initialisation,
+                "privacy": privacy_metadata(state),
                 "final_metrics": state.rounds[-1].to_json() if state.rounds else {},
             },
         )

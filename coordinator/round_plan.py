@@ -46,7 +46,10 @@ class RoundSetup:
     """What a planner is told about the round to plan."""
 
     number: int
+    #: the silos selected for the round
     silos: tuple[str, ...]
+    #: how many silos were connected when they were selected (the sampling rate's base)
+    connected: int
     global_model: ModelVersion
     deadline_s: float
 

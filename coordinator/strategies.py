@@ -28,11 +28,12 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
 from coordinator.round_fold import RoundFold, WeightedMeanFold
-from coordinator.tasks import ModelVersion
+from coordinator.round_plan import RoundSetup
 from gptfl.job_spec import AdaptiveSpec, FedAvgMSpec, FedAvgSpec, FedProxSpec, StrategySpec
 from gptfl.task import LocalSettings
 from gptfl.weights import WeightMap
@@ -51,13 +52,18 @@ class Strategy(ABC):
         """
         return settings
 
-    def round_fold(self, global_model: ModelVersion) -> RoundFold:
+    def round_fold(self, setup: RoundSetup) -> RoundFold:
         """How a round folds the silos' updates (the sample-weighted running sum by default).
 
-        A wrapper can wrap the fold (clip each update before it folds), a robust strategy
-        can keep every update and reduce them at the close.
+        A wrapper can replace or wrap the fold (clip each update before it folds), a robust
+        strategy can keep every update and reduce them at the close.
         """
-        return WeightedMeanFold(global_model.weights, global_model.manifest.specs)
+        model = setup.global_model
+        return WeightedMeanFold(model.weights, model.manifest.specs)
+
+    def privacy_spent(self) -> dict[str, Any]:
+        """What a privacy wrapper has spent on the aggregate so far ({} without one)."""
+        return {}
 
     @abstractmethod
     def apply(self, global_weights: Mapping[str, torch.Tensor], average: WeightMap) -> WeightMap:
@@ -88,8 +94,11 @@ class StrategyWrapper(Strategy):
     def configure_local(self, settings: LocalSettings) -> LocalSettings:
         return self.inner.configure_local(settings)
 
-    def round_fold(self, global_model: ModelVersion) -> RoundFold:
-        return self.inner.round_fold(global_model)
+    def round_fold(self, setup: RoundSetup) -> RoundFold:
+        return self.inner.round_fold(setup)
+
+    def privacy_spent(self) -> dict[str, Any]:
+        return self.inner.privacy_spent()
 
     def apply(self, global_weights: Mapping[str, torch.Tensor], average: WeightMap) -> WeightMap:
         return self.inner.apply(global_weights, average)

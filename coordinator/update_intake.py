@@ -20,12 +20,14 @@ from contextlib import contextmanager
 from coordinator.inflight_uploads import InFlightUploads, TrackedUpload
 from coordinator.job_state import JobState, SiloSummary
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.privacy_policy import check_requirement, ledger_flag, record_spend
 from coordinator.round_plan import RoundProgress
 from coordinator.silo_registry import SiloRegistry
 from coordinator.tasks import TaskBoard, TaskRecord, TaskStatus
 from coordinator.upload_slots import UploadSlots
 from gptfl.errors import GptflError, StaleTaskError, StalledUploadError, ValidationError
 from gptfl.fleet_messages import Decline, EvaluationReport, UpdateHeader, check_metrics
+from gptfl.job_spec import RequireDpSpec
 from gptfl.task import TaskKind
 from gptfl.weights import Chunk, Manifest, PayloadReceiver, WeightMap, check_manifest, iter_chunks
 
@@ -65,8 +67,10 @@ class UpdateIntake:
         metrics: CoordinatorMetrics,
         upload_slots: UploadSlots,
         in_flight: InFlightUploads,
+        require_dp: RequireDpSpec | None = None,
     ) -> None:
         self._state = state
+        self._require_dp = require_dp
         self._lock = state_lock
         self._board = board
         self._registry = registry
@@ -136,6 +140,7 @@ class UpdateIntake:
                     f"{progress.number if progress else None}"
                 )
             header.check()
+            self._check_privacy(silo_id, header, task.round)
             self._board.claim(task)
             outcome: list[bool] = []  # whether the update was folded, once received
             tracked: TrackedUpload | None = None
@@ -186,6 +191,17 @@ class UpdateIntake:
             self._count_rejection(silo_id, exc)
             raise
 
+    def _check_privacy(self, silo_id: str, header: UpdateHeader, round_: int) -> None:
+        """Flags a privacy ledger that went backwards (once, in the state and the log) and
+        holds the update to the job's ``require_dp``."""
+        with self._lock:
+            previous = self._state.silos.get(silo_id)
+            flag = ledger_flag(previous, header.privacy, round_)
+            if flag and previous is not None and previous.privacy_flag != flag:
+                previous.privacy_flag = flag
+                log.warning("silo %s %s", silo_id, flag)
+        check_requirement(self._require_dp, header.privacy, flag)
+
     def _verified_update(
         self,
         silo_id: str,
@@ -228,6 +244,11 @@ class UpdateIntake:
                 summary.rounds_participated += 1
                 summary.examples += header.num_examples
                 summary.last_round = task.round
+                record_spend(summary, header.privacy)
+            if header.privacy is not None:
+                self._metrics.silo_privacy_epsilon.labels(silo=task.silo_id).set(
+                    header.privacy.epsilon
+                )
             return True
 
     # ---- evaluations and declines --------------------------------------------------------

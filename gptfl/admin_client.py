@@ -43,6 +43,17 @@ class DeclineView:
 
 
 @dataclass(frozen=True)
+class PrivacyView:
+    """A silo's reported DP spend in the job, and why its reports look wrong (if they do)."""
+
+    silo_id: str
+    epsilon: float
+    delta: float
+    accountant: str
+    flag: str
+
+
+@dataclass(frozen=True)
 class StatusView:
     job_id: str
     phase: str
@@ -53,6 +64,9 @@ class StatusView:
     rounds: list[RoundView]
     summary: dict[str, Any] | None
     declines: list[DeclineView] = field(default_factory=list)
+    privacy: list[PrivacyView] = field(default_factory=list)
+    #: silo-level DP on the aggregate: (epsilon, delta) so far, or None without it
+    silo_level_privacy: tuple[float, float] | None = None
 
     @property
     def ended(self) -> bool:
@@ -135,6 +149,12 @@ class AdminClient:
                 DeclineView(d.silo_id, d.count, d.last_kind, d.last_reason, d.last_round)
                 for d in pb.declines
             ],
+            privacy=[
+                PrivacyView(p.silo_id, p.epsilon, p.delta, p.accountant, p.flag) for p in pb.privacy
+            ],
+            silo_level_privacy=(
+                (pb.silo_level_epsilon, pb.silo_level_delta) if pb.silo_level_delta else None
+            ),
         )
 
     def silos(self) -> list[SiloView]:

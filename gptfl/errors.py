@@ -137,6 +137,13 @@ class UnavailableError(GptflError):
     reason = "unavailable"
 
 
+class PrivacyPolicyError(GptflError):
+    """An update does not meet the job's privacy requirement (``require_dp``)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "privacy"
+
+
 class TaskRefused(GptflError):
     """A silo will not run a task (its privacy budget, data it lacks, ...).
 

@@ -71,6 +71,33 @@ def check_metrics(values: Mapping[str, float], *, what: str) -> None:
             raise NonFiniteError(f"{what} {key!r} is {value}, not a finite number")
 
 
+#: the privacy accountants a silo may report its spend with (Opacus's names)
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass(frozen=True)
+class PrivacySpend:
+    """A silo's cumulative (epsilon, delta) on its training data in a job, and by which
+    accountant; what it has spent including the update it is reported with."""
+
+    epsilon: float
+    delta: float
+    accountant: str
+
+    def check(self) -> None:
+        """Raises ValidationError unless epsilon >= 0, delta in [0, 1), both finite, and the
+        accountant is one of :data:`ACCOUNTANTS`."""
+        if not math.isfinite(self.epsilon) or self.epsilon < 0:
+            raise ValidationError(f"privacy epsilon must be finite and >= 0, got {self.epsilon}")
+        if not math.isfinite(self.delta) or not 0 <= self.delta < 1:
+            raise ValidationError(f"privacy delta must be in [0, 1), got {self.delta}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValidationError(
+                f"privacy accountant must be one of {', '.join(ACCOUNTANTS)}, "
+                f"got {self.accountant!r}"
+            )
+
+
 @dataclass(frozen=True)
 class UpdateHeader:
     """Everything about a training update except its weights (the first upload message).
@@ -81,6 +108,7 @@ class UpdateHeader:
         num_examples: the silo's training examples, the update's FedAvg weight.
         train_metrics: the silo's training figures (``loss``, ``accuracy``); finite.
         train_seconds: the silo's local training time.
+        privacy: the silo's cumulative privacy spend in the job; None without DP.
     """
 
     task_id: str
@@ -88,6 +116,7 @@ class UpdateHeader:
     num_examples: int
     train_metrics: Mapping[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
+    privacy: PrivacySpend | None = None
 
     def check(self) -> None:
         """Checks what can be checked without the task: a positive count, finite figures.
@@ -103,6 +132,8 @@ class UpdateHeader:
             raise NonFiniteError(
                 f"train_seconds is {self.train_seconds}, not a finite non-negative number"
             )
+        if self.privacy is not None:
+            self.privacy.check()
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,36 @@ def strategy_spec(**fields: Any) -> StrategySpec:
     return _STRATEGY_SPEC.validate_python(fields)
 
 
+class RequireDpSpec(StrictModel):
+    """Only updates trained with sample-level DP within this budget are accepted: a silo that
+    reports no privacy spend, more than these, or an epsilon that went down (a reset ledger)
+    has its updates refused."""
+
+    max_epsilon: float = pydantic.Field(gt=0)
+    max_delta: float = pydantic.Field(gt=0, lt=1)
+
+
+class SiloLevelDpSpec(StrictModel):
+    """Silo-level differential privacy (DP-FedAvg, McMahan et al. 2018): each silo's update
+    (its model minus the global model) is clipped to ``clip_norm``, the clipped updates are
+    averaged with equal weight over the round's selected silos, and Gaussian noise of
+    standard deviation ``noise_multiplier * clip_norm / selected`` is added to the average.
+    The guarantee covers all of one silo's data; the job's (epsilon, delta) is accounted
+    with RDP over the rounds at the silo sampling rate. Give ``noise_multiplier``, or
+    ``target_epsilon`` for the noise that meets it at the last round."""
+
+    clip_norm: float = pydantic.Field(gt=0)
+    noise_multiplier: float | None = pydantic.Field(None, gt=0)
+    target_epsilon: float | None = pydantic.Field(None, gt=0)
+    delta: float = pydantic.Field(1e-5, gt=0, lt=1)
+
+    @pydantic.model_validator(mode="after")
+    def _one_way_to_the_noise(self) -> SiloLevelDpSpec:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
 class EvaluationSpec(StrictModel):
     """Evaluation after each round."""
 
@@ -240,6 +270,10 @@ class JobSpec(StrictModel):
     initial_model: Path | None = None
     #: GPT-FL: start from a model pretrained on synthetic data made by the synth service
     pretrain: PretrainSpec | None = None
+    #: accept only updates trained with sample-level DP within this budget (docs/privacy.md)
+    require_dp: RequireDpSpec | None = None
+    #: silo-level DP on the aggregate (DP-FedAvg), around whichever strategy (docs/privacy.md)
+    silo_level_dp: SiloLevelDpSpec | None = None
 
     @pydantic.field_validator("name")
     @classmethod

@@ -16,6 +16,7 @@ from gptfl.fleet_messages import (
     Decline,
     EvaluationReport,
     FleetPhase,
+    PrivacySpend,
     PullReply,
     RegisterAck,
     Registration,
@@ -316,22 +317,36 @@ def pull_reply_from_pb(pb: fleet_pb2.PullTaskReply) -> PullReply:
 
 
 def update_header_to_pb(header: UpdateHeader) -> fleet_pb2.UpdateHeader:
-    return fleet_pb2.UpdateHeader(
+    pb = fleet_pb2.UpdateHeader(
         task_id=header.task_id,
         round=header.round,
         num_examples=header.num_examples,
         train_metrics=metrics_to_pb(header.train_metrics),
         train_seconds=header.train_seconds,
     )
+    if header.privacy is not None:
+        spend = header.privacy
+        pb.privacy.CopyFrom(
+            fleet_pb2.PrivacySpend(
+                epsilon=spend.epsilon, delta=spend.delta, accountant=spend.accountant
+            )
+        )
+    return pb
 
 
 def update_header_from_pb(pb: fleet_pb2.UpdateHeader) -> UpdateHeader:
+    privacy = (
+        PrivacySpend(pb.privacy.epsilon, pb.privacy.delta, pb.privacy.accountant)
+        if pb.HasField("privacy")
+        else None
+    )
     return UpdateHeader(
         task_id=pb.task_id,
         round=pb.round,
         num_examples=pb.num_examples,
         train_metrics=metrics_from_pb(pb.train_metrics),
         train_seconds=pb.train_seconds,
+        privacy=privacy,
     )
 
 

@@ -179,6 +179,14 @@ def print_status(status: StatusView) -> None:
             f"federated accuracy {_pct(last.federated, 'accuracy').strip()}, "
             f"{last.updates_accepted}/{last.silos_selected} updates, {last.seconds:.2f}s"
         )
+    if status.silo_level_privacy is not None:
+        epsilon, delta = status.silo_level_privacy
+        print(f"  silo-level DP: epsilon {epsilon:.3g} at delta {delta:g} so far")
+    for p in status.privacy:
+        spend = (
+            f"epsilon {p.epsilon:.3g} (delta {p.delta:g}, {p.accountant})" if p.accountant else ""
+        )
+        print(f"  {p.silo_id} privacy: {spend}{'; FLAGGED: ' + p.flag if p.flag else ''}")
     for d in status.declines:
         tasks = f", {d.count} tasks declined" if d.count > 1 else ""
         print(

@@ -43,7 +43,7 @@ class RoundSummary(_message.Message):
     def __init__(self, round: _Optional[int] = ..., silos_selected: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., updates_rejected: _Optional[int] = ..., seconds: _Optional[float] = ..., server_metrics: _Optional[_Union[_common_pb2.Metrics, _Mapping]] = ..., federated_metrics: _Optional[_Union[_common_pb2.Metrics, _Mapping]] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "phase", "round", "total_rounds", "message", "rounds", "silos_connected", "summary_json", "declines")
+    __slots__ = ("job_id", "phase", "round", "total_rounds", "message", "rounds", "silos_connected", "summary_json", "declines", "privacy", "silo_level_epsilon", "silo_level_delta")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,9 @@ class JobStatus(_message.Message):
     SILOS_CONNECTED_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_JSON_FIELD_NUMBER: _ClassVar[int]
     DECLINES_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    SILO_LEVEL_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    SILO_LEVEL_DELTA_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     phase: str
     round: int
@@ -62,7 +65,24 @@ class JobStatus(_message.Message):
     silos_connected: int
     summary_json: str
     declines: _containers.RepeatedCompositeFieldContainer[SiloDeclines]
-    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., message: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., silos_connected: _Optional[int] = ..., summary_json: _Optional[str] = ..., declines: _Optional[_Iterable[_Union[SiloDeclines, _Mapping]]] = ...) -> None: ...
+    privacy: _containers.RepeatedCompositeFieldContainer[SiloPrivacy]
+    silo_level_epsilon: float
+    silo_level_delta: float
+    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., message: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., silos_connected: _Optional[int] = ..., summary_json: _Optional[str] = ..., declines: _Optional[_Iterable[_Union[SiloDeclines, _Mapping]]] = ..., privacy: _Optional[_Iterable[_Union[SiloPrivacy, _Mapping]]] = ..., silo_level_epsilon: _Optional[float] = ..., silo_level_delta: _Optional[float] = ...) -> None: ...
+
+class SiloPrivacy(_message.Message):
+    __slots__ = ("silo_id", "epsilon", "delta", "accountant", "flag")
+    SILO_ID_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNTANT_FIELD_NUMBER: _ClassVar[int]
+    FLAG_FIELD_NUMBER: _ClassVar[int]
+    silo_id: str
+    epsilon: float
+    delta: float
+    accountant: str
+    flag: str
+    def __init__(self, silo_id: _Optional[str] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., accountant: _Optional[str] = ..., flag: _Optional[str] = ...) -> None: ...
 
 class SiloDeclines(_message.Message):
     __slots__ = ("silo_id", "count", "last_kind", "last_reason", "last_round")

@@ -128,19 +128,31 @@ class DownloadModelRequest(_message.Message):
     task_id: str
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
+class PrivacySpend(_message.Message):
+    __slots__ = ("epsilon", "delta", "accountant")
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNTANT_FIELD_NUMBER: _ClassVar[int]
+    epsilon: float
+    delta: float
+    accountant: str
+    def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., accountant: _Optional[str] = ...) -> None: ...
+
 class UpdateHeader(_message.Message):
-    __slots__ = ("task_id", "round", "num_examples", "train_metrics", "train_seconds")
+    __slots__ = ("task_id", "round", "num_examples", "train_metrics", "train_seconds", "privacy")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     TRAIN_METRICS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round: int
     num_examples: int
     train_metrics: _common_pb2.Metrics
     train_seconds: float
-    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., train_metrics: _Optional[_Union[_common_pb2.Metrics, _Mapping]] = ..., train_seconds: _Optional[float] = ...) -> None: ...
+    privacy: PrivacySpend
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., train_metrics: _Optional[_Union[_common_pb2.Metrics, _Mapping]] = ..., train_seconds: _Optional[float] = ..., privacy: _Optional[_Union[PrivacySpend, _Mapping]] = ...) -> None: ...
 
 class UploadPart(_message.Message):
     __slots__ = ("header", "manifest", "chunk")

@@ -19,7 +19,7 @@ from coordinator.job_runner import JobRunner
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.silo_registry import SiloRegistry
 from coordinator.tasks import TaskBoard, TaskRecord
-from gptfl.fleet_messages import UpdateHeader
+from gptfl.fleet_messages import PrivacySpend, UpdateHeader
 from gptfl.job_spec import JobSpec
 from gptfl.models import build_model
 from gptfl.task import TaskKind
@@ -46,8 +46,8 @@ def tiny_spec(**overrides: Any) -> JobSpec:
 
 
 def initial_weights() -> WeightMap:
-    model = build_model(tiny_spec().model)
     torch.manual_seed(0)
+    model = build_model(tiny_spec().model)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -99,9 +99,10 @@ class InProcessJob:
         n: int,
         *,
         loss: float = 1.0,
+        privacy: PrivacySpend | None = None,
     ) -> None:
         manifest = build_manifest(weights)
-        header = UpdateHeader(task.task_id, task.round, n, {"loss": loss}, 0.01)
+        header = UpdateHeader(task.task_id, task.round, n, {"loss": loss}, 0.01, privacy)
         runner.intake.receive_update(silo, header, manifest, iter_chunks(weights, manifest))
 
     def rejected(self, reason: str) -> float:

@@ -416,3 +416,40 @@ def test_a_model_validator_of_a_data_source_names_the_source_key() -> None:
 def test_generator_names_have_no_backslash_and_at_most_200_characters(generator: str) -> None:
     message = _error(PRETRAIN.replace("generator: digits", f"generator: {generator}"))
     assert message.startswith("job.yaml: pretrain.generator: "), message
+
+
+# ---- privacy options -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        (
+            "silo_level_dp: {clip_norm: 1.0}\n",
+            "silo_level_dp: give exactly one of noise_multiplier and target_epsilon",
+        ),
+        (
+            "silo_level_dp: {clip_norm: 1.0, noise_multiplier: 1.0, target_epsilon: 8}\n",
+            "silo_level_dp: give exactly one of noise_multiplier and target_epsilon",
+        ),
+        ("silo_level_dp: {clip_norm: 0, noise_multiplier: 1.0}\n", "silo_level_dp.clip_norm"),
+        (
+            "silo_level_dp: {clip_norm: 1, noise_multiplier: 1.0, delta: 1}\n",
+            "silo_level_dp.delta",
+        ),
+        ("require_dp: {max_epsilon: 8}\n", "require_dp.max_delta: required key is missing"),
+        ("require_dp: {max_epsilon: -1, max_delta: 1e-5}\n", "require_dp.max_epsilon"),
+    ],
+)
+def test_privacy_options_are_validated(section: str, expected: str) -> None:
+    assert _error(MINIMAL + section).startswith(f"job.yaml: {expected}")
+
+
+def test_privacy_options_parse() -> None:
+    spec = parse_job_spec(
+        MINIMAL
+        + "require_dp: {max_epsilon: 8, max_delta: 1.0e-5}\n"
+        + "silo_level_dp: {clip_norm: 0.5, target_epsilon: 4}\n"
+    )
+    assert spec.require_dp is not None and spec.require_dp.max_epsilon == 8
+    assert spec.silo_level_dp is not None and spec.silo_level_dp.delta == 1e-5
