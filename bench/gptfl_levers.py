@@ -54,7 +54,8 @@ from gptfl.data.sources import SklearnDigitsSource, load_source
 from gptfl.job_spec import StrategySpec, strategy_spec
 from gptfl.models import ModelSpec, build_model
 from gptfl.synth_spec import PretrainSettings
-from gptfl.training import TrainSettings, evaluate, train_local
+from gptfl.task import LocalSettings
+from gptfl.training import evaluate, train_local
 from gptfl.weights import WeightMap
 
 CPU = torch.device("cpu")
@@ -395,7 +396,7 @@ def federate(start: WeightMap, fl: FlSettings, seed: int, test: ArrayDataset) ->
         lr = fl.learning_rate if fl.schedule is None else fl.schedule(number)
         for silo_id, data in silos:
             model.load_state_dict(weights)
-            settings = TrainSettings(
+            settings = LocalSettings(
                 epochs=fl.epochs,
                 batch_size=fl.batch_size,
                 learning_rate=lr,

@@ -35,7 +35,8 @@ from gptfl.data.dataset import ArrayDataset
 from gptfl.data.sources import SklearnDigitsSource, load_source
 from gptfl.models import ModelSpec, build_model
 from gptfl.synth_spec import PretrainSettings
-from gptfl.training import TrainSettings, evaluate, train_local
+from gptfl.task import LocalSettings
+from gptfl.training import evaluate, train_local
 from synth_service.generators import load_generator, plan_images
 from synth_service.pretrain import pretrain
 from synth_service.resize import fit_images
@@ -70,7 +71,7 @@ def train_fidelity_classifier(seed: int) -> tuple[torch.nn.Module, float]:
     train, held = data.subset(order[:4500]), data.subset(order[4500:])
     spec = ModelSpec(arch="cnn-small", num_classes=10, in_channels=1, image_size=16)
     model = build_model(spec, seed=seed)
-    settings = TrainSettings(
+    settings = LocalSettings(
         epochs=8, batch_size=64, learning_rate=0.05, momentum=0.9, weight_decay=5e-4, seed=seed
     )
     train_local(model, train, settings, device=CPU)

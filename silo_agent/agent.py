@@ -1,59 +1,76 @@
 """The silo agent's main loop: connect, register, pull tasks, train or evaluate, report.
 
-The agent only dials out. It keeps its data, model and the last global model in memory
-between rounds, so a round costs one download (skipped when the model is already cached),
-local training, and one upload. When the coordinator is away it reconnects with jittered
-exponential backoff.
+The agent only dials out. It keeps its data and the last global model in memory between
+rounds, so a round costs one download (skipped when the model is already cached), local
+training, and one upload. Each task gets a model of its own, built fresh (a trainer may wrap
+it). How it trains is its :class:`~silo_agent.trainer.Trainer`'s business. When the
+coordinator is away it reconnects with jittered exponential backoff.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import grpc
 import torch
 
 from gptfl import __version__
-from gptfl.errors import GptflError
+from gptfl.errors import GptflError, TaskRefused, ValidationError
+from gptfl.fleet_messages import Decline, EvaluationReport, FleetPhase, RegisterAck
 from gptfl.identity import insecure_metadata
 from gptfl.models import build_model
-from gptfl.models.spec import ModelSpec
 from gptfl.pki import Identity
-from gptfl.proto.v1 import fleet_pb2
 from gptfl.retry import Backoff
 from gptfl.rpc import open_channel
 from gptfl.task import TaskKind, TaskSpec
-from gptfl.training import TrainSettings, evaluate, resolve_device, train_local
+from gptfl.training import evaluate, resolve_device
 from gptfl.weights import WeightMap
 from silo_agent.config import SiloConfig
-from silo_agent.fleet_client import FleetClient
+from silo_agent.fleet_client import FleetApi, FleetClient
 from silo_agent.local_data import LocalData, LocalSplits
 from silo_agent.metrics import SiloMetrics
+from silo_agent.trainer import SgdTrainer, Trainer, TrainingOutcome, TrainingRun
 from silo_agent.upload_retry import upload_with_retries
 
 log = logging.getLogger(__name__)
 
-_TERMINAL = {
-    fleet_pb2.JOB_PHASE_FINISHED,
-    fleet_pb2.JOB_PHASE_FAILED,
-    fleet_pb2.JOB_PHASE_STOPPED,
-}
 _FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
-
-class FatalAgentError(Exception):
-    """The coordinator refuses this silo; retrying cannot help."""
+#: opens one connection to the coordinator: entered, it gives the client; left, it closes
+Connector = Callable[[], AbstractContextManager[FleetApi]]
 
 
 class SiloAgent:
-    def __init__(self, config: SiloConfig, *, metrics: SiloMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: SiloConfig,
+        *,
+        metrics: SiloMetrics | None = None,
+        trainer: Trainer | None = None,
+        connect: Connector | None = None,
+    ) -> None:
+        """Checks the config's data and device; connects nothing yet (see :meth:`run`).
+
+        Args:
+            config: the silo's config.
+            metrics: where to count; a fresh registry by default.
+            trainer: how to train (plain local SGD by default).
+            connect: opens a connection per session (by default a gRPC channel to
+                ``config.coordinator`` with :class:`FleetClient`); tests pass a fake.
+
+        Raises:
+            ConfigError: the data is missing or unusable, or the device is not available.
+        """
         self.config = config
         self.metrics = metrics or SiloMetrics.create()
         self.device = resolve_device(config.device)
         self.data = LocalData(config.data)
-        self._models: dict[ModelSpec, torch.nn.Module] = {}
+        self.trainer: Trainer = trainer if trainer is not None else SgdTrainer()
+        self._connect: Connector = connect if connect is not None else self._grpc_connection
         self._cached: tuple[str, WeightMap] | None = None
         self._state = "idle"
         self._counts_changed = False
@@ -64,31 +81,33 @@ class SiloAgent:
 
     def run(self, stop: threading.Event) -> int:
         """Runs until ``stop`` is set (0), a job ends with ``exit_after_job`` (0), or the
-        coordinator refuses this silo (1)."""
+        coordinator refuses this silo (1).
+
+        An unreachable coordinator, or a reply this agent cannot read, is tried again after a
+        jittered, growing delay (``reconnect``)."""
         backoff = Backoff(
             self.config.reconnect.initial_backoff_s, self.config.reconnect.max_backoff_s
         )
         delays = backoff.delays()
         while not stop.is_set():
-            channel = self._open()
             try:
-                client = FleetClient(channel, metadata=self._metadata())
-                reply = self._register(client)
-                log.info("registered with %s as %s", self.config.coordinator, reply.silo_id)
-                delays = backoff.delays()  # connected: the next outage starts from a short delay
-                connected = threading.Event()
-                beat = threading.Thread(
-                    target=self._heartbeat,
-                    args=(client, reply.heartbeat_interval_ms / 1000, stop, connected),
-                    daemon=True,
-                )
-                beat.start()
-                try:
-                    if self._serve(client, stop):
-                        return 0
-                finally:
-                    connected.set()  # ends this connection's heartbeat thread
-                    beat.join()
+                with self._connect() as client:
+                    ack = self._register(client)
+                    log.info("registered with %s as %s", self.config.coordinator, ack.silo_id)
+                    delays = backoff.delays()  # connected: the next outage starts short
+                    connected = threading.Event()
+                    beat = threading.Thread(
+                        target=self._heartbeat,
+                        args=(client, ack.heartbeat_interval_s, stop, connected),
+                        daemon=True,
+                    )
+                    beat.start()
+                    try:
+                        if self._serve(client, stop):
+                            return 0
+                    finally:
+                        connected.set()  # ends this connection's heartbeat thread
+                        beat.join()
             except grpc.RpcError as exc:
                 code = exc.code()
                 if stop.is_set():
@@ -105,11 +124,31 @@ class SiloAgent:
                     delay,
                 )
                 stop.wait(delay)
-            finally:
-                channel.close()
+            except ValidationError as exc:
+                # A reply this agent cannot read (a task or job phase of a newer coordinator):
+                # it reconnects later instead of ending; the tasks it held go back.
+                delay = next(delays)
+                log.error(
+                    "the coordinator sent a reply this silo cannot read (%s); retrying in %.1fs",
+                    exc,
+                    delay,
+                )
+                stop.wait(delay)
         return 0
 
-    def _register(self, client: FleetClient) -> fleet_pb2.RegisterReply:
+    @contextlib.contextmanager
+    def _grpc_connection(self) -> Iterator[FleetApi]:
+        """The default connection: a channel to the coordinator, closed on the way out."""
+        tls = self.config.tls.files() if self.config.tls is not None else None
+        channel = open_channel(
+            self.config.coordinator, tls=tls, server_name=self.config.server_name
+        )
+        try:
+            yield FleetClient(channel, metadata=self._metadata())
+        finally:
+            channel.close()
+
+    def _register(self, client: FleetApi) -> RegisterAck:
         """Tells the coordinator who we are and how much data we hold (known once loaded)."""
         self._counts_changed = False  # the counts sent now are the current ones
         num_train, num_eval = self.data.counts()
@@ -130,10 +169,6 @@ class SiloAgent:
             self._counts_changed = True
         return splits
 
-    def _open(self) -> grpc.Channel:
-        tls = self.config.tls.files() if self.config.tls is not None else None
-        return open_channel(self.config.coordinator, tls=tls, server_name=self.config.server_name)
-
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         if self.config.insecure and self.config.silo_id:
             return insecure_metadata(Identity(self.config.silo_id, "silo"))
@@ -141,7 +176,7 @@ class SiloAgent:
 
     def _heartbeat(
         self,
-        client: FleetClient,
+        client: FleetApi,
         interval_s: float,
         stop: threading.Event,
         connection_closed: threading.Event,
@@ -152,7 +187,7 @@ class SiloAgent:
             except grpc.RpcError:
                 return  # the main loop notices and reconnects
 
-    def _serve(self, client: FleetClient, stop: threading.Event) -> bool:
+    def _serve(self, client: FleetApi, stop: threading.Event) -> bool:
         """Pulls and runs tasks; True when the agent should exit (job over, exit_after_job)."""
         while not stop.is_set():
             if self._counts_changed:
@@ -162,11 +197,11 @@ class SiloAgent:
                 self._jobs_seen_running.add(pulled.job_id)
                 self._run_task(client, pulled.task)
                 continue
-            if pulled.phase in _TERMINAL and pulled.job_id in self._jobs_seen_running:
+            if pulled.phase.terminal and pulled.job_id in self._jobs_seen_running:
                 if self.config.exit_after_job:
                     log.info("job %s has ended; exiting (exit_after_job)", pulled.job_id)
                     return True
-            elif pulled.phase == fleet_pb2.JOB_PHASE_FEDERATING:
+            elif pulled.phase is FleetPhase.FEDERATING:
                 self._jobs_seen_running.add(pulled.job_id)
             if pulled.retry_after_s:
                 stop.wait(pulled.retry_after_s)
@@ -174,7 +209,7 @@ class SiloAgent:
 
     # ---- tasks --------------------------------------------------------------------------
 
-    def _run_task(self, client: FleetClient, task: TaskSpec) -> None:
+    def _run_task(self, client: FleetApi, task: TaskSpec) -> None:
         kind = task.kind.value
         try:
             if task.kind is TaskKind.TRAIN:
@@ -183,17 +218,23 @@ class SiloAgent:
                 self._evaluate(client, task)
             self.metrics.tasks.labels(kind=kind, outcome="done").inc()
             self.tasks_completed += 1
+        except TaskRefused as exc:
+            # The silo will not run this task (its privacy budget, data it lacks): the reason
+            # is meant for the coordinator's admin and goes there verbatim.
+            log.warning("declined task %s (round %d): %s", task.task_id, task.round, exc)
+            self.metrics.tasks.labels(kind=kind, outcome="declined").inc()
+            client.decline(Decline(task_id=task.task_id, reason=str(exc), kind=exc.kind))
         except (GptflError, RuntimeError, ValueError, IndexError) as exc:
             # A local problem (data that cannot be read, labels the model cannot take): say
             # so and carry on. Only the kind of error leaves the silo; the details (which may
             # name local files) stay in the local log.
             log.exception("task %s (round %d) failed", task.task_id, task.round)
             self.metrics.tasks.labels(kind=kind, outcome="failed").inc()
-            client.decline(
-                task,
+            reason = (
                 f"the silo could not run this task ({type(exc).__name__}); "
-                "details are in the silo's log",
+                "details are in the silo's log"
             )
+            client.decline(Decline(task_id=task.task_id, reason=reason, kind="failed"))
         except grpc.RpcError as exc:
             if exc.code() in (
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -208,13 +249,12 @@ class SiloAgent:
         finally:
             self._state = "idle"
 
-    def _model(self, spec: ModelSpec) -> torch.nn.Module:
-        if spec not in self._models:
-            self._models[spec] = build_model(spec).to(self.device)
-        return self._models[spec]
+    def _fresh_model(self, task: TaskSpec) -> torch.nn.Module:
+        """A model of the task's architecture for this task alone (a trainer may wrap it)."""
+        return build_model(task.model_spec).to(self.device)
 
     def _global_weights(
-        self, client: FleetClient, task: TaskSpec, model: torch.nn.Module
+        self, client: FleetApi, task: TaskSpec, model: torch.nn.Module
     ) -> WeightMap:
         if self._cached is not None and self._cached[0] == task.model_sha256:
             return self._cached[1]
@@ -225,78 +265,65 @@ class SiloAgent:
         self._cached = (task.model_sha256, weights)
         return weights
 
-    def _train(self, client: FleetClient, task: TaskSpec) -> None:
+    def _train(self, client: FleetApi, task: TaskSpec) -> None:
         splits = self._splits(task)
-        model = self._model(task.model_spec)
+        self.trainer.check(task, num_examples=len(splits.train))  # before any download
+        model = self._fresh_model(task)
         weights = self._global_weights(client, task, model)
         model.load_state_dict(weights)
         self._state = "training"
-        local = task.local
-        settings = TrainSettings(
-            epochs=local.epochs,
-            batch_size=local.batch_size,
-            learning_rate=local.learning_rate,
-            momentum=local.momentum,
-            weight_decay=local.weight_decay,
-            proximal_mu=local.proximal_mu,
-            seed=local.seed,
+        outcome = self.trainer.train(
+            TrainingRun(
+                task=task,
+                model=model,
+                global_weights=weights,
+                data=splits.train,
+                device=self.device,
+            )
         )
-        global_params = (
-            {k: v.to(self.device) for k, v in weights.items()} if local.proximal_mu else None
-        )
-        result = train_local(
-            model, splits.train, settings, device=self.device, global_params=global_params
-        )
-        self.metrics.train_seconds.observe(result.seconds)
-        self.metrics.examples.inc(result.num_examples)
-        trained = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        self.metrics.train_seconds.observe(outcome.seconds)
+        self.metrics.examples.inc(outcome.num_examples)
         self._state = "uploading"
-        self._upload(
-            client,
-            task,
-            trained,
-            result.num_examples,
-            {"loss": result.loss, "accuracy": result.accuracy},
-            result.seconds,
-        )
+        self._upload(client, task, outcome)
         log.info(
             "round %d: trained on %d examples in %.2fs (loss %.4f, accuracy %.3f)",
             task.round,
-            result.num_examples,
-            result.seconds,
-            result.loss,
-            result.accuracy,
+            outcome.num_examples,
+            outcome.seconds,
+            outcome.metrics["loss"],
+            outcome.metrics["accuracy"],
         )
 
-    def _upload(
-        self,
-        client: FleetClient,
-        task: TaskSpec,
-        weights: Mapping[str, torch.Tensor],
-        num_examples: int,
-        metrics: Mapping[str, float],
-        seconds: float,
-    ) -> None:
+    def _upload(self, client: FleetApi, task: TaskSpec, outcome: TrainingOutcome) -> None:
         _, nbytes = upload_with_retries(
             lambda: client.upload_update(
-                task, weights, num_examples=num_examples, metrics=metrics, train_seconds=seconds
+                task,
+                outcome.weights,
+                num_examples=outcome.num_examples,
+                metrics=outcome.metrics,
+                train_seconds=outcome.seconds,
+                privacy=outcome.privacy,
             ),
             task_id=task.task_id,
             deadline_unix=task.deadline_unix,
         )
         self.metrics.bytes_sent.inc(nbytes)
 
-    def _evaluate(self, client: FleetClient, task: TaskSpec) -> None:
+    def _evaluate(self, client: FleetApi, task: TaskSpec) -> None:
         splits = self._splits(task)
         if len(splits.eval) == 0:
-            client.decline(task, "this silo holds no evaluation data (eval_fraction is 0)")
-            return
-        model = self._model(task.model_spec)
+            raise TaskRefused(
+                "this silo holds no evaluation data (eval_fraction is 0)", kind="no_data"
+            )
+        model = self._fresh_model(task)
         model.load_state_dict(self._global_weights(client, task, model))
         self._state = "evaluating"
         result = evaluate(model, splits.eval, device=self.device)
         client.report_evaluation(
-            task,
-            num_examples=result.num_examples,
-            metrics={"loss": result.loss, "accuracy": result.accuracy},
+            EvaluationReport(
+                task_id=task.task_id,
+                round=task.round,
+                num_examples=result.num_examples,
+                metrics={"loss": result.loss, "accuracy": result.accuracy},
+            )
         )

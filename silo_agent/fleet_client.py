@@ -1,17 +1,32 @@
-"""The silo's side of the Fleet API: typed calls with deadlines over one mTLS channel."""
+"""The silo's side of the Fleet API: typed calls with deadlines over one mTLS channel.
+
+:class:`FleetClient` speaks in the domain types of :mod:`gptfl.fleet_messages` (converted by
+:mod:`gptfl.serde`); :class:`FleetApi` is what the agent needs of it, so a test can hand the
+agent an in-process fake instead.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 import torch
 
 from gptfl import serde
 from gptfl.errors import ChecksumError, UnavailableError
+from gptfl.fleet_messages import (
+    Decline,
+    EvaluationReport,
+    PrivacySpend,
+    PullReply,
+    RegisterAck,
+    Registration,
+    UpdateHeader,
+    UploadResult,
+)
 from gptfl.proto.v1 import fleet_pb2, fleet_pb2_grpc
 from gptfl.task import TaskSpec
 from gptfl.weights import WeightMap, build_manifest, iter_chunks, receive_all, specs_of
@@ -25,19 +40,44 @@ TRANSFER_BASE_S = 60.0
 TRANSFER_BYTES_PER_S = 10e6
 
 
-@dataclass(frozen=True)
-class PullResult:
-    phase: int
-    job_id: str
-    task: TaskSpec | None
-    retry_after_s: float
-
-
 def transfer_timeout(nbytes: int) -> float:
     return TRANSFER_BASE_S + nbytes / TRANSFER_BYTES_PER_S
 
 
+class FleetApi(Protocol):
+    """The calls a silo agent makes on the coordinator (:class:`FleetClient` has them all)."""
+
+    def register(
+        self, *, agent_version: str, device: str, num_train: int, num_eval: int
+    ) -> RegisterAck: ...
+
+    def heartbeat(self, state: str) -> None: ...
+
+    def pull_task(self, wait_s: float) -> PullReply: ...
+
+    def download_model(
+        self, task: TaskSpec, *, expected: Mapping[str, torch.Tensor]
+    ) -> WeightMap: ...
+
+    def upload_update(
+        self,
+        task: TaskSpec,
+        weights: Mapping[str, torch.Tensor],
+        *,
+        num_examples: int,
+        metrics: Mapping[str, float],
+        train_seconds: float,
+        privacy: PrivacySpend | None = None,
+    ) -> tuple[UploadResult, int]: ...
+
+    def report_evaluation(self, report: EvaluationReport) -> None: ...
+
+    def decline(self, decline: Decline) -> None: ...
+
+
 class FleetClient:
+    """:class:`FleetApi` over a gRPC channel (which the caller opens and closes)."""
+
     def __init__(
         self, channel: grpc.Channel, *, metadata: tuple[tuple[str, str], ...] = ()
     ) -> None:
@@ -57,33 +97,39 @@ class FleetClient:
 
     def register(
         self, *, agent_version: str, device: str, num_train: int, num_eval: int
-    ) -> fleet_pb2.RegisterReply:
+    ) -> RegisterAck:
+        """Tells the coordinator who this silo is (its certificate) and what data it holds."""
+        registration = Registration(
+            agent_version=agent_version,
+            device=device,
+            num_train_examples=num_train,
+            num_eval_examples=num_eval,
+        )
         reply: fleet_pb2.RegisterReply = self._stub.Register(
-            fleet_pb2.RegisterRequest(
-                agent_version=agent_version,
-                device=device,
-                num_train_examples=num_train,
-                num_eval_examples=num_eval,
-            ),
+            serde.registration_to_pb(registration),
             timeout=REGISTER_TIMEOUT_S,
             metadata=self._metadata,
             wait_for_ready=False,
         )
-        return reply
+        return serde.register_ack_from_pb(reply)
 
     def heartbeat(self, state: str) -> None:
         self._stub.Heartbeat(
             fleet_pb2.HeartbeatRequest(state=state), timeout=RPC_TIMEOUT_S, metadata=self._metadata
         )
 
-    def pull_task(self, wait_s: float) -> PullResult:
+    def pull_task(self, wait_s: float) -> PullReply:
+        """Long-polls for a task for up to ``wait_s`` seconds.
+
+        Raises:
+            ValidationError: the reply holds a task (or a phase) this silo cannot read.
+        """
         reply: fleet_pb2.PullTaskReply = self._stub.PullTask(
             fleet_pb2.PullTaskRequest(wait_ms=int(wait_s * 1000)),
             timeout=wait_s + RPC_TIMEOUT_S,
             metadata=self._metadata,
         )
-        task = serde.task_from_pb(reply.task) if reply.HasField("task") else None
-        return PullResult(reply.phase, reply.job_id, task, reply.retry_after_ms / 1000)
+        return serde.pull_reply_from_pb(reply)
 
     def download_model(self, task: TaskSpec, *, expected: Mapping[str, torch.Tensor]) -> WeightMap:
         """Downloads and verifies the task's model; it must fit ``expected``'s tensors."""
@@ -105,27 +151,28 @@ class FleetClient:
         num_examples: int,
         metrics: Mapping[str, float],
         train_seconds: float,
-    ) -> tuple[fleet_pb2.UploadReply, int]:
-        """Streams the trained weights; returns the reply and the payload bytes sent.
+        privacy: PrivacySpend | None = None,
+    ) -> tuple[UploadResult, int]:
+        """Streams the trained weights; returns the result and the payload bytes sent.
 
         The header goes first; the weights follow once the coordinator answers ``ready``
         (it has a free upload slot), so waiting costs the coordinator no buffer space. The
         call may wait for a slot until the task's deadline.
         """
+        header = UpdateHeader(
+            task_id=task.task_id,
+            round=task.round,
+            num_examples=num_examples,
+            train_metrics=dict(metrics),
+            train_seconds=train_seconds,
+            privacy=privacy,
+        )
         manifest = build_manifest(weights)
         go = threading.Event()
         admitted = False
 
         def parts() -> Iterator[fleet_pb2.UploadPart | bytes]:
-            yield fleet_pb2.UploadPart(
-                header=fleet_pb2.UpdateHeader(
-                    task_id=task.task_id,
-                    round=task.round,
-                    num_examples=num_examples,
-                    train_metrics=serde.metrics_to_pb(metrics),
-                    train_seconds=train_seconds,
-                )
-            )
+            yield fleet_pb2.UploadPart(header=serde.update_header_to_pb(header))
             go.wait()
             if not admitted:
                 return  # the call ended (an error, a deadline) before the coordinator was ready
@@ -151,25 +198,14 @@ class FleetClient:
             go.set()
         if final is None:
             raise UnavailableError("the coordinator ended the upload without a result")
-        return final, manifest.total_bytes
+        return serde.upload_result_from_pb(final), manifest.total_bytes
 
-    def report_evaluation(
-        self, task: TaskSpec, *, num_examples: int, metrics: Mapping[str, float]
-    ) -> None:
+    def report_evaluation(self, report: EvaluationReport) -> None:
         self._stub.ReportEvaluation(
-            fleet_pb2.EvaluationReport(
-                task_id=task.task_id,
-                round=task.round,
-                num_examples=num_examples,
-                metrics=serde.metrics_to_pb(metrics),
-            ),
-            timeout=RPC_TIMEOUT_S,
-            metadata=self._metadata,
+            serde.evaluation_report_to_pb(report), timeout=RPC_TIMEOUT_S, metadata=self._metadata
         )
 
-    def decline(self, task: TaskSpec, reason: str) -> None:
+    def decline(self, decline: Decline) -> None:
         self._stub.DeclineTask(
-            fleet_pb2.DeclineTaskRequest(task_id=task.task_id, reason=reason),
-            timeout=RPC_TIMEOUT_S,
-            metadata=self._metadata,
+            serde.decline_to_pb(decline), timeout=RPC_TIMEOUT_S, metadata=self._metadata
         )

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 TRAIN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+#: how a task ended: done; declined (the silo would not run it: its trainer refused, or no
+#: data for it); failed (a local error); rejected (the coordinator refused the result)
+OUTCOMES = ("done", "declined", "failed", "rejected")
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ class SiloMetrics:
         reg = registry if registry is not None else CollectorRegistry()
         metrics = cls._build(reg)
         for kind in ("train", "evaluate"):
-            for outcome in ("done", "failed", "rejected"):
+            for outcome in OUTCOMES:
                 metrics.tasks.labels(kind=kind, outcome=outcome)
         return metrics
 
