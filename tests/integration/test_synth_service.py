@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from gptfl.cli.main import main as gptfl_main
 from gptfl.errors import EXIT_CONFIG, UnavailableError
 from gptfl.local_cluster import LocalCluster
 from gptfl.models import ModelSpec, build_model
@@ -141,9 +140,8 @@ def test_text_to_image_pipeline_from_disk_generates_end_to_end_and_regenerates(
 
     # The manifest and the generator reproduce the data bit for bit.
     out = tmp_path / "regenerated"
-    code = gptfl_main(
+    code = synth_main(
         [
-            "synth",
             "regenerate",
             "--manifest",
             str(folder / "manifest.json"),
@@ -219,9 +217,7 @@ def test_regenerate_fails_on_a_mismatch(
     tampered = manifest.model_copy(update={"image_seeds": [s + 1 for s in manifest.image_seeds]})
     (tmp_path / "manifest.json").write_text(tampered.model_dump_json())
     generator = Path(__file__).resolve().parents[2] / "synth_service/assets/digits-generator"
-    code = gptfl_main(
-        ["synth", "regenerate", "--manifest", str(tmp_path), "--generator", str(generator)]
-    )
+    code = synth_main(["regenerate", "--manifest", str(tmp_path), "--generator", str(generator)])
     assert code == 1
     assert "MISMATCH" in capsys.readouterr().err
 
