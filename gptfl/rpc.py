@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -75,13 +76,16 @@ RETRY_POLICY = RetryPolicy()
 #: unary calls that may safely be sent twice, by service. A PullTask sent again gets the task
 #: its lost reply carried (``coordinator.tasks``); a repeated Heartbeat, status or silo list
 #: changes nothing; a ReportEvaluation or DeclineTask whose first attempt did arrive is refused
-#: the second time (ALREADY_EXISTS, FAILED_PRECONDITION) and the task stays as the first left
-#: it, counted once. Register is not retried here: the silo's reconnect loop is its retry, with
-#: the backoff of its config. Streams are never listed.
-RETRIED_METHODS: Mapping[str, tuple[str, ...]] = {
-    "gptfl.v1.Fleet": ("Heartbeat", "PullTask", "ReportEvaluation", "DeclineTask"),
-    "gptfl.v1.Admin": ("GetStatus", "ListSilos"),
-}
+#: the second time (ALREADY_EXISTS, FAILED_PRECONDITION) and the task keeps the outcome of the
+#: first: the evaluation is averaged once (the refused repeat is counted as a rejected report).
+#: Register is not retried here: the silo's reconnect loop is its retry, with the backoff of
+#: its config. Streams are never listed.
+RETRIED_METHODS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "gptfl.v1.Fleet": ("Heartbeat", "PullTask", "ReportEvaluation", "DeclineTask"),
+        "gptfl.v1.Admin": ("GetStatus", "ListSilos"),
+    }
+)
 
 
 def service_config(
