@@ -3,11 +3,17 @@
 A task is one silo's part in a round: train on the global model, or evaluate it. The
 coordinator publishes a round's tasks at once; each silo's ``PullTask`` long poll wakes as
 soon as its task is there, so silos that stay connected start a round within milliseconds.
+
+A pull is idempotent, so gRPC may retry it (``gptfl.rpc``'s retry policy): a silo pulls only
+when it holds no task, so a task dispatched to it that it has not named in any call since
+(no download, upload, report or decline) never reached it, and its next pull sends that same
+task again. The task is re-sent, not duplicated: one record, still ``DISPATCHED``.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import threading
 import time
 import uuid
@@ -24,6 +30,8 @@ from gptfl.errors import (
 from gptfl.models.spec import ModelSpec
 from gptfl.task import LocalSettings, TaskKind, TaskSpec
 from gptfl.weights import Manifest, WeightMap, manifest_and_crcs
+
+log = logging.getLogger(__name__)
 
 
 class TaskStatus(enum.Enum):
@@ -66,6 +74,8 @@ class TaskRecord:
     task_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: TaskStatus = TaskStatus.PENDING
     decline_reason: str = ""
+    #: the silo named this task in a call since it was last dispatched, so it holds it
+    taken: bool = False
 
     def spec(self) -> TaskSpec:
         """What the silo is told about this task."""
@@ -88,6 +98,8 @@ class TaskBoard:
         self._cond = threading.Condition()
         self._tasks: dict[str, TaskRecord] = {}
         self._queues: dict[str, deque[TaskRecord]] = {}
+        # Per silo, the tasks dispatched to it, oldest first, until it is seen to hold them.
+        self._sent: dict[str, deque[TaskRecord]] = {}
         self._generation = 0
         # Tasks of past rounds, without their models: (silo, round, final status).
         self._retired: dict[str, tuple[str, int, TaskStatus]] = {}
@@ -100,21 +112,48 @@ class TaskBoard:
             self._cond.notify_all()
 
     def pull(self, silo_id: str, timeout_s: float) -> TaskRecord | None:
-        """The silo's next pending task, waiting up to ``timeout_s`` for one."""
+        """The silo's next task, waiting up to ``timeout_s`` for one.
+
+        A task already dispatched to the silo and not taken since (see the module docstring)
+        comes first, sent again; then the silo's pending tasks in the order published.
+        """
         deadline = time.monotonic() + timeout_s
         with self._cond:
             generation = self._generation
             while True:
+                lost = self._sent_not_taken(silo_id)
+                if lost is not None:
+                    log.info(
+                        "task %s (round %d) sent to silo %s again: it was dispatched and "
+                        "not taken (a pull whose reply was lost)",
+                        lost.task_id,
+                        lost.round,
+                        silo_id,
+                    )
+                    return lost
                 queue = self._queues.get(silo_id)
                 while queue:
                     task = queue.popleft()
                     if task.status is TaskStatus.PENDING:
                         task.status = TaskStatus.DISPATCHED
+                        task.taken = False
+                        self._sent.setdefault(silo_id, deque()).append(task)
                         return task
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or generation != self._generation:
                     return None
                 self._cond.wait(remaining)
+
+    def _sent_not_taken(self, silo_id: str) -> TaskRecord | None:
+        """The oldest task dispatched to ``silo_id`` and not taken (with the lock held);
+        drops the entries before it that are taken, reopened or finished."""
+        sent = self._sent.get(silo_id)
+        while sent:
+            task = sent[0]
+            if task.status is TaskStatus.DISPATCHED and not task.taken:
+                return task
+            sent.popleft()
+        return None
 
     def wake_all(self) -> None:
         """Ends every waiting long poll now (job ended, shutdown)."""
@@ -124,7 +163,11 @@ class TaskBoard:
 
     def lookup(self, silo_id: str, task_id: str, kind: TaskKind | None) -> TaskRecord:
         """The task ``task_id`` if it is ``silo_id``'s, of ``kind`` (None: any) and still
-        open, else a precise error."""
+        open, else a precise error.
+
+        Every call a silo makes about a task looks it up here, so this is also where the
+        board learns that the silo holds the task: its pulls no longer send it again.
+        """
         with self._cond:
             task = self._tasks.get(task_id)
             if task is None:
@@ -132,6 +175,7 @@ class TaskBoard:
                 raise UnknownTaskError(f"no task {task_id!r}")
             if task.silo_id != silo_id:
                 raise PermissionDeniedError(f"task {task_id} belongs to another silo")
+            task.taken = True
             if kind is not None and task.kind is not kind:
                 raise StaleTaskError(f"task {task_id} is a {task.kind.value} task")
             if task.status is TaskStatus.DONE:
@@ -204,6 +248,9 @@ class TaskBoard:
             for task in tasks:
                 self._tasks.pop(task.task_id, None)
                 self._retired[task.task_id] = (task.silo_id, task.round, task.status)
+                sent = self._sent.get(task.silo_id)
+                if sent is not None and any(t is task for t in sent):
+                    self._sent[task.silo_id] = deque(t for t in sent if t is not task)
 
     def _raise_for_retired(self, silo_id: str, task_id: str) -> None:
         retired = self._retired.get(task_id)

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from gptfl import serde
 from gptfl.identity import insecure_metadata
 from gptfl.pki import Identity, TlsFiles
@@ -190,12 +188,3 @@ class AdminClient:
         weights = self.download_model()
         save_weights(path, weights, metadata={"source": "gptfl admin download-model"})
         return sum(t.numel() for t in weights.values())
-
-
-def describe_rpc_error(exc: grpc.RpcError) -> str:
-    """A one-line description of a failed call for CLIs."""
-    code = exc.code()
-    details = exc.details() or ""
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return f"coordinator unreachable ({details}); check the address and certificates"
-    return f"{code.name}: {details}"

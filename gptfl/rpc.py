@@ -1,17 +1,27 @@
 """gRPC plumbing in one place: options, mutual-TLS credentials, channels, servers, errors.
 
-Every channel and server in GPT-FL is built here, so keepalive, message sizes, TLS and the
-health service are configured the same way everywhere. Plaintext exists only when a caller
-passes ``tls=None`` explicitly (the ``--insecure`` flags), and it logs a warning.
+Every channel and server in GPT-FL is built here, so keepalive, message sizes, TLS, retries
+and the health service are configured the same way everywhere. Plaintext exists only when a
+caller passes ``tls=None`` explicitly (the ``--insecure`` flags), and it logs a warning.
+
+Retries are gRPC's own (:data:`RETRIED_METHODS`, :data:`RETRY_POLICY`): every channel carries a
+service config whose ``retryPolicy`` sends an idempotent unary call again, with jittered
+exponential backoff and within the call's deadline, when it fails with ``UNAVAILABLE`` before
+the server answered (a connection that dropped, a server restarting). A brief outage then
+costs a silo nothing: its long poll, heartbeat or report goes through on a new connection and
+it keeps its task. Streams are left out (gRPC cannot replay a stream whose first messages
+were answered); the silo's upload has its own policy (``silo_agent.upload_retry``).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -37,9 +47,80 @@ _SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.so_reuseport", 0),
 ]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How gRPC retries a call of :data:`RETRIED_METHODS` that failed with ``UNAVAILABLE``.
+
+    Attempt ``n`` (from 2) waits a uniform draw between 0 and ``min(initial_backoff_s *
+    backoff_multiplier**(n-2), max_backoff_s)``, and no attempt starts past the call's
+    deadline. gRPC caps ``max_attempts`` at 5.
+
+    Attributes:
+        max_attempts: attempts in all, the first one included.
+        initial_backoff_s: the bound of the first pause.
+        max_backoff_s: the largest bound of a pause.
+        backoff_multiplier: growth of the bound from one pause to the next.
+    """
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 5.0
+    backoff_multiplier: float = 2.0
+
+
+#: the default: pauses bounded by 0.5, 1, 2 and 4 s, so an outage of a few seconds is ridden out
+RETRY_POLICY = RetryPolicy()
+
+#: unary calls that may safely be sent twice, by service. A PullTask sent again gets the task
+#: its lost reply carried (``coordinator.tasks``); a repeated Heartbeat, status or silo list
+#: changes nothing; a ReportEvaluation or DeclineTask whose first attempt did arrive is refused
+#: the second time (ALREADY_EXISTS, FAILED_PRECONDITION) and the task keeps the outcome of the
+#: first: the evaluation is averaged once (the refused repeat is counted as a rejected report).
+#: Register is not retried here: the silo's reconnect loop is its retry, with the backoff of
+#: its config. Streams are never listed.
+RETRIED_METHODS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "gptfl.v1.Fleet": ("Heartbeat", "PullTask", "ReportEvaluation", "DeclineTask"),
+        "gptfl.v1.Admin": ("GetStatus", "ListSilos"),
+    }
+)
+
+
+def service_config(
+    policy: RetryPolicy = RETRY_POLICY,
+    methods: Mapping[str, tuple[str, ...]] = RETRIED_METHODS,
+) -> str:
+    """The channel's service config (JSON): ``policy`` for each of ``methods``."""
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [
+                        {"service": service, "method": method}
+                        for service, names in methods.items()
+                        for method in names
+                    ],
+                    "retryPolicy": {
+                        "maxAttempts": policy.max_attempts,
+                        "initialBackoff": f"{policy.initial_backoff_s}s",
+                        "maxBackoff": f"{policy.max_backoff_s}s",
+                        "backoffMultiplier": policy.backoff_multiplier,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     *_COMMON_OPTIONS,
-    ("grpc.enable_retries", 0),  # GPT-FL retries idempotent calls itself, with jitter
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", service_config()),
+    # the config above is the channel's own; none is looked up through DNS
+    ("grpc.service_config_disable_resolution", 1),
 ]
 
 

@@ -150,6 +150,11 @@ class SynthClient:
     def wait_ready(self, timeout_s: float) -> None:
         """Polls the standard health service until it reports SERVING.
 
+        A readiness poll, not a retry, so it stays a loop rather than a gRPC retry policy:
+        ``NOT_SERVING`` (still loading a generator) is an answer gRPC would not retry, and the
+        wait is bounded by ``timeout_s``, not by a number of attempts. The synth calls
+        themselves are streams (Generate, Pretrain), which gRPC does not retry either.
+
         Raises:
             UnavailableError: not SERVING within ``timeout_s`` (unreachable, a TLS
                 failure, or still loading).

@@ -1,4 +1,8 @@
-"""``gptfl-synth --config synth.yaml``: runs the synth service until SIGTERM/SIGINT."""
+"""``gptfl-synth --config synth.yaml``: runs the synth service until SIGTERM/SIGINT.
+
+``gptfl-synth regenerate ...`` reproduces a dataset from its manifest instead, without a
+service (:mod:`synth_service.regenerate_cmd`).
+"""
 
 from __future__ import annotations
 
@@ -17,16 +21,27 @@ from gptfl.service_process import (
     service_parser,
 )
 from gptfl.training import resolve_device
+from synth_service import regenerate_cmd
 from synth_service.config import ENV_PREFIX, SynthConfig
 from synth_service.server import start_synth_service
 
+REGENERATE = "regenerate"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = service_parser(
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [REGENERATE]:
+        return regenerate_cmd.main(argv[1:])
+    parser = service_parser(
         prog="gptfl-synth",
         description="Run the GPT-FL synth service (synthetic data generation and pretraining).",
         config_name="synth.yaml",
-    ).parse_args(argv)
+    )
+    parser.epilog = (
+        f"gptfl-synth {REGENERATE} ... reproduces a dataset from its manifest instead "
+        f"(gptfl-synth {REGENERATE} --help)"
+    )
+    args = parser.parse_args(argv)
     try:
         config, _ = load_service_config(SynthConfig, args, env_prefix=ENV_PREFIX, role="synth")
     except ConfigError as exc:

@@ -1,6 +1,9 @@
-"""A gRPC failure as client code sees it, for tests of how that code reacts to a status."""
+"""A gRPC failure as client code sees it, and a client that only fails, for tests of how code
+reacts to a status."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 
@@ -17,3 +20,22 @@ class FakeRpcError(grpc.RpcError):
 
     def details(self) -> str:
         return self._details
+
+
+class RefusingClient:
+    """A client (``AdminClient``, ``SynthClient``) whose every call raises ``error``."""
+
+    def __init__(self, error: grpc.RpcError) -> None:
+        self._error = error
+
+    def __enter__(self) -> RefusingClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+    def __getattr__(self, _name: str) -> Any:
+        def call(*_args: object, **_kwargs: object) -> None:
+            raise self._error
+
+        return call

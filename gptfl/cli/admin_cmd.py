@@ -11,14 +11,9 @@ from typing import Any
 
 import grpc
 
-from gptfl.admin_client import AdminClient, StatusView, describe_rpc_error
-from gptfl.errors import (
-    EXIT_CONFIG,
-    EXIT_FAILURE,
-    EXIT_JOB_FAILED,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-)
+from gptfl.admin_client import AdminClient, StatusView
+from gptfl.cli.exit_codes import report_rpc_error
+from gptfl.errors import EXIT_FAILURE, EXIT_JOB_FAILED, EXIT_OK
 from gptfl.job_spec import read_job_spec
 from gptfl.tls_config import TlsConfig
 
@@ -76,20 +71,9 @@ def _with_client(
             with AdminClient(args.coordinator, tls=tls, server_name=args.server_name) as client:
                 return action(client, args)
         except grpc.RpcError as exc:
-            print(f"gptfl admin: {describe_rpc_error(exc)}", file=sys.stderr)
-            return rpc_exit_code(exc.code())
+            return report_rpc_error("gptfl admin", exc, peer="coordinator")
 
     return handler
-
-
-def rpc_exit_code(code: grpc.StatusCode) -> int:
-    """The exit code of a failed admin call (the table in docs/cli.md, "Exit codes").
-
-    INVALID_ARGUMENT is the coordinator refusing what was sent (a job spec that passed the
-    local checks but not the coordinator's: an unknown architecture, a missing server data
-    set), so it is a config error like a spec refused locally; every other code is 4.
-    """
-    return EXIT_CONFIG if code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_UNAVAILABLE
 
 
 def _submit(client: AdminClient, args: argparse.Namespace) -> int:

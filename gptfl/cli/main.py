@@ -3,7 +3,8 @@
 Each command lives in its own module under ``gptfl.cli`` and exposes
 ``register(subparsers)``, which adds its parser and sets ``handler`` to a function taking the
 parsed arguments and returning an exit code. Errors derived from
-:class:`gptfl.errors.GptflError` become one line on stderr and a documented exit code.
+:class:`gptfl.errors.GptflError`, and failed gRPC calls, become one line on stderr and a
+documented exit code (:mod:`gptfl.cli.exit_codes`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import pydantic
-
 from gptfl import __version__
-from gptfl.config_loading import format_validation_error
-from gptfl.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_USAGE, ConfigError, GptflError
+from gptfl.cli.exit_codes import run_command
+from gptfl.errors import EXIT_USAGE
 
 # Modules that contribute a sub-command (each has `register(subparsers)`).
 COMMAND_MODULES = (
@@ -52,22 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    try:
-        code: int = handler(args)
-    except ConfigError as exc:
-        print(f"gptfl: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except pydantic.ValidationError as exc:
-        # a command's options validated into a request (gptfl synth generate --steps 0)
-        print(f"gptfl: {format_validation_error(exc, source='options')}", file=sys.stderr)
-        return EXIT_CONFIG
-    except GptflError as exc:
-        print(f"gptfl: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("gptfl: interrupted", file=sys.stderr)
-        return EXIT_FAILURE
-    return code
+    return run_command("gptfl", lambda: int(handler(args)))
 
 
 if __name__ == "__main__":

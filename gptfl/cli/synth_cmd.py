@@ -1,10 +1,9 @@
-"""``gptfl synth ...``: reproduce a synthetic dataset from its manifest; call a synth service.
+"""``gptfl synth ...``: admin calls to a running synth service over mutual TLS.
 
-``regenerate`` runs the generator locally (no service), so it needs the synth service's
-library (``synth_service``, installed with this package) and diffusers; both are imported
-only when that command runs, so the rest of ``gptfl`` neither loads diffusers nor depends on
-a service package. ``generate`` and ``pretrain`` are admin calls to a running service over
-mutual TLS.
+``generate`` asks the service for a dataset, ``pretrain`` for a model trained on one.
+Reproducing a dataset from its manifest runs the generator locally, so it belongs to the
+synth service's program: ``gptfl-synth regenerate`` (``synth_service/regenerate_cmd.py``);
+the shared core imports no service package.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +18,8 @@ from typing import Any
 
 import grpc
 
-from gptfl.errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, ChecksumError
+from gptfl.cli.exit_codes import report_rpc_error
+from gptfl.errors import EXIT_OK
 from gptfl.models import ModelSpec
 from gptfl.synth_client import EpochInfo, SynthClient, SynthProgress
 from gptfl.synth_spec import FIT_MODES, GeneratorSettings, PretrainSettings, SynthesisRequest
@@ -32,21 +31,12 @@ DEFAULT_ADDRESS = "127.0.0.1:50061"
 
 def register(subparsers: Any) -> None:
     synth = subparsers.add_parser(
-        "synth", help="synthetic datasets: regenerate, generate, pretrain"
+        "synth",
+        help="ask a synth service for a dataset or a pretrained model",
+        epilog="To reproduce a dataset from its manifest: gptfl-synth regenerate --help",
     )
     synth.set_defaults(handler=lambda _a: _help(synth))
     commands = synth.add_subparsers(dest="synth_command", metavar="ACTION")
-
-    regen = commands.add_parser(
-        "regenerate",
-        help="reproduce a dataset from its manifest and check every shard's sha256",
-    )
-    regen.add_argument("--manifest", type=Path, required=True, help="manifest.json or its folder")
-    regen.add_argument("--generator", type=Path, required=True, help="the generator's model folder")
-    regen.add_argument("--out", type=Path, help="write the regenerated artifact here")
-    regen.add_argument("--device", default="cpu", help="cpu (bit-exact), cuda, cuda:N, auto")
-    regen.add_argument("--batch-size", type=int, default=32, help="images per generator call")
-    regen.set_defaults(handler=_regenerate)
 
     generate = commands.add_parser("generate", help="ask a synth service for a dataset (admin)")
     _connection_options(generate)
@@ -92,58 +82,6 @@ def _help(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _regenerate(args: argparse.Namespace) -> int:
-    # Imported here: loads torch and diffusers (see the module docstring).
-    from synth_service.artifacts import (
-        check_artifact_target,
-        manifest_sha256,
-        read_manifest,
-        regenerate,
-        write_artifact,
-    )
-    from synth_service.generators import load_generator, load_options
-
-    manifest = read_manifest(args.manifest)
-    generator = load_generator(
-        manifest.backend,
-        args.generator,
-        device=args.device,
-        **load_options(manifest.backend, manifest.generator_settings),
-    )
-    total = len(manifest.image_labels)
-    started = time.perf_counter()
-
-    def progress(done: int, all_images: int) -> None:
-        print(f"\rregenerating: {done}/{all_images} images", end="", file=sys.stderr)
-
-    if args.out is not None:
-        check_artifact_target(args.out)  # before the work, not after it
-    try:
-        dataset = regenerate(manifest, generator, batch_size=args.batch_size, progress=progress)
-    except ChecksumError as exc:
-        print(file=sys.stderr)
-        print(f"gptfl synth regenerate: MISMATCH: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    print(file=sys.stderr)
-    if args.out is not None:
-        write_artifact(dataset, args.out)
-    print(
-        json.dumps(
-            {
-                "identical": True,
-                "dataset_id": manifest.dataset_sha256,
-                "manifest_sha256": manifest_sha256(manifest),
-                "images": total,
-                "shards": len(manifest.shards),
-                "seconds": round(time.perf_counter() - started, 3),
-                "out": str(args.out) if args.out is not None else None,
-            },
-            indent=2,
-        )
-    )
-    return EXIT_OK
-
-
 def _with_client(
     action: Callable[[SynthClient, argparse.Namespace], int],
 ) -> Callable[[argparse.Namespace], int]:
@@ -153,9 +91,7 @@ def _with_client(
             with SynthClient(args.synth, tls=tls, server_name=args.server_name) as client:
                 return action(client, args)
         except grpc.RpcError as exc:
-            code = exc.code()
-            print(f"gptfl synth: {code.name}: {exc.details()}", file=sys.stderr)
-            return EXIT_UNAVAILABLE if code == grpc.StatusCode.UNAVAILABLE else EXIT_FAILURE
+            return report_rpc_error("gptfl synth", exc, peer="synth service")
 
     return handler
 

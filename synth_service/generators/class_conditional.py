@@ -160,11 +160,6 @@ class ClassConditionalGenerator:
         return self._labels
 
     @property
-    def supports_guidance(self) -> bool:
-        """Whether the model has a null class, i.e. guidance other than 1 is allowed."""
-        return self._null_class is not None
-
-    @property
     def image_shape(self) -> tuple[int, int, int]:
         size = int(self._unet.config.sample_size)
         return int(self._unet.config.in_channels), size, size

@@ -13,10 +13,12 @@ import yaml
 from coordinator.config import CoordinatorConfig
 from coordinator.job_runner import InitialModel
 from coordinator.server import Coordinator, start_coordinator
+from gptfl.admin_client import AdminClient, StatusView
 from gptfl.local_cluster import LocalCluster
 from gptfl.pki import init_pki, participant_files
 from gptfl.rpc import open_channel
 from gptfl.tls_config import TlsConfig
+from tests.waiting import wait_until
 
 SILOS = ("silo-a", "silo-b", "silo-c")
 
@@ -75,3 +77,21 @@ def start_and_submit(cluster: LocalCluster, spec: dict[str, Any]) -> str:
     with cluster.admin() as admin:
         admin.status(wait_for_ready=True)
         return admin.submit(yaml.safe_dump(spec))
+
+
+def wait_for_job_end(
+    admin: AdminClient,
+    *,
+    timeout_s: float,
+    interval_s: float = 0.2,
+    detail: Callable[[], object] | None = None,
+) -> StatusView:
+    """Polls the admin status until the job has ended (any outcome); returns that status."""
+
+    def ended() -> StatusView | None:
+        status = admin.status()
+        return status if status.ended else None
+
+    return wait_until(
+        ended, timeout_s=timeout_s, interval_s=interval_s, what="the job to end", detail=detail
+    )

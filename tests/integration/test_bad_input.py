@@ -7,7 +7,6 @@ upload streams over gRPC.
 from __future__ import annotations
 
 import dataclasses
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from gptfl.proto.v1 import fleet_pb2, fleet_pb2_grpc
 from gptfl.task import TaskSpec
 from gptfl.weights import Chunk, Manifest, build_manifest, iter_chunks, receive_all
 from tests.integration.conftest import StartCoordinator, silo_channel
+from tests.waiting import wait_until
 
 SPEC = {
     "name": "bad-input",
@@ -53,12 +53,11 @@ class Silo:
         self.stub.Register(fleet_pb2.RegisterRequest(agent_version="test"), timeout=10)
 
     def pull(self) -> TaskSpec:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        def task() -> TaskSpec | None:
             reply = self.stub.PullTask(fleet_pb2.PullTaskRequest(wait_ms=1000), timeout=10)
-            if reply.HasField("task"):
-                return serde.task_from_pb(reply.task)
-        raise AssertionError("no task arrived")
+            return serde.task_from_pb(reply.task) if reply.HasField("task") else None
+
+        return wait_until(task, timeout_s=30, interval_s=0, what="a task")
 
     def download(self, task: TaskSpec) -> dict[str, torch.Tensor]:
         parts = self.stub.DownloadModel(
@@ -225,10 +224,7 @@ def test_bad_update_is_rejected_counted_and_harmless(
     # (The good update carries the downloaded weights, so the new global model equals them.)
     runner = coordinator.jobs.current()
     assert runner is not None
-    deadline = time.monotonic() + 30
-    while not runner.state.rounds:
-        assert time.monotonic() < deadline, "round 1 did not close"
-        time.sleep(0.02)
+    wait_until(lambda: runner.state.rounds, timeout_s=30, interval_s=0.02, what="round 1 to close")
     assert runner.state.rounds[0].updates_accepted == 1
     assert runner.state.rounds[0].updates_rejected >= 1
     assert runner.global_model is not None

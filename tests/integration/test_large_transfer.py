@@ -16,6 +16,7 @@ from gptfl.rpc import MAX_MESSAGE_BYTES
 from gptfl.weights import WeightMap, build_manifest
 from silo_agent.fleet_client import FleetClient
 from tests.integration.conftest import StartCoordinator, silo_channel
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -49,12 +50,9 @@ def test_300mb_model_round_trip(start: StartCoordinator, pki_dir: Path) -> None:
         f"127.0.0.1:{coordinator.admin.port}", tls=participant_files(pki_dir, "admin")
     ) as admin:
         admin.submit(yaml.safe_dump(spec))
-        task = None
-        for _ in range(60):
-            task = client.pull_task(1.0).task
-            if task is not None:
-                break
-        assert task is not None
+        task = wait_until(
+            lambda: client.pull_task(1.0).task, timeout_s=60, interval_s=0, what="a task"
+        )
         expected, _ = _big_model(None)  # type: ignore[arg-type]
         weights = client.download_model(task, expected=expected)
         assert sum(t.numel() * t.element_size() for t in weights.values()) >= MODEL_BYTES - 64
@@ -64,10 +62,14 @@ def test_300mb_model_round_trip(start: StartCoordinator, pki_dir: Path) -> None:
             task, weights, num_examples=5, metrics={"loss": 0.5}, train_seconds=0.1
         )
         assert reply.accepted and sent >= MODEL_BYTES - 64
-        for _ in range(120):
+
+        def ended() -> bool:
             if admin.status().ended:
-                break
-            client.pull_task(0.5)
+                return True
+            client.pull_task(0.5)  # the silo stays seen while the job ends
+            return False
+
+        wait_until(ended, timeout_s=60, interval_s=0, what="the job to end")
         assert admin.status().phase == "finished"
     received = coordinator.metrics.registry.get_sample_value(
         "gptfl_bytes_received_total", {"silo": "silo-a"}

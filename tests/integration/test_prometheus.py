@@ -51,6 +51,8 @@ from gptfl.synth_client import SynthClient
 from gptfl.synth_spec import GeneratorSettings, PretrainSettings, SynthesisRequest
 from silo_agent.metrics import SiloMetrics
 from synth_service.metrics import SynthMetrics
+from tests.integration.conftest import wait_for_job_end
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -152,17 +154,18 @@ class Prometheus:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
+        def ready() -> bool:
             assert self.process.poll() is None, f"prometheus exited:\n{self.log_tail()}"
             with (
                 contextlib.suppress(OSError),
                 urllib.request.urlopen(f"{self.base}/-/ready", timeout=2) as response,
             ):
-                if response.status == 200:
-                    return
-            assert time.monotonic() < deadline, f"prometheus not ready:\n{self.log_tail()}"
-            time.sleep(0.2)
+                return bool(response.status == 200)
+            return False
+
+        wait_until(
+            ready, timeout_s=timeout_s, interval_s=0.2, what="prometheus", detail=self.log_tail
+        )
 
     def api(self, path: str, **params: str) -> Any:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
@@ -188,15 +191,6 @@ class Prometheus:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def _wait(
-    what: str, check: Callable[[], bool], timeout_s: float, detail: Callable[[], str]
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{detail()}"
-        time.sleep(0.25)
 
 
 @pytest.fixture(scope="module")
@@ -329,25 +323,22 @@ def test_dashboard_and_alert_queries_return_data_from_a_live_job(
             )
 
         # Every process is scraped once before the job, so counters have a starting point.
-        _wait(
-            "every target up",
+        wait_until(
             lambda: (
                 (t := prom.targets()) != []
                 and len(t) == SILOS + 1
                 and all(x["health"] == "up" for x in t)
             ),
-            20,
-            lambda: json.dumps(prom.targets(), indent=1) + logs(),
+            timeout_s=20,
+            interval_s=0.25,
+            what="every target up",
+            detail=lambda: json.dumps(prom.targets(), indent=1) + logs(),
         )
 
         with cluster.admin() as admin:
             admin.status(wait_for_ready=True)
             admin.submit(yaml.safe_dump(spec))
-            deadline = time.monotonic() + 90
-            status = admin.status()
-            while not status.ended and time.monotonic() < deadline:
-                time.sleep(0.5)
-                status = admin.status()
+            status = wait_for_job_end(admin, timeout_s=90, interval_s=0.5, detail=logs)
             assert status.phase == "finished", (status.message, logs())
         job_seconds = time.monotonic() - started
 
@@ -361,22 +352,30 @@ def test_dashboard_and_alert_queries_return_data_from_a_live_job(
             stamps = prom.query("timestamp(up)")
             return len(stamps) == SILOS + 1 and all(float(s["value"][1]) > final_at for s in stamps)
 
-        _wait("a scrape of every process after the job", scraped_after_end, 15, logs)
-        _wait(
-            f"gptfl_rounds_completed_total to reach {ROUNDS}",
+        wait_until(
+            scraped_after_end,
+            timeout_s=15,
+            interval_s=0.25,
+            what="a scrape of every process after the job",
+            detail=logs,
+        )
+        wait_until(
             lambda: (
                 [float(s["value"][1]) for s in prom.query("gptfl_rounds_completed_total")]
                 == [float(ROUNDS)]
             ),
-            10,
-            logs,
+            timeout_s=10,
+            interval_s=0.25,
+            what=f"gptfl_rounds_completed_total to reach {ROUNDS}",
+            detail=logs,
         )
         # A scrape can time out on a loaded 2-core machine; the next one must succeed.
-        _wait(
-            "every target healthy",
+        wait_until(
             lambda: all(t["health"] == "up" and not t["lastError"] for t in prom.targets()),
-            15,
-            lambda: f"{prom.targets()}\n{logs()}",
+            timeout_s=15,
+            interval_s=0.25,
+            what="every target healthy",
+            detail=lambda: f"{prom.targets()}\n{logs()}",
         )
 
         # ---- every dashboard and alert expression through the HTTP API ---------------------
@@ -480,11 +479,12 @@ def test_synth_queries_return_data_from_a_live_generate_and_pretrain(
         def logs() -> str:
             return f"--- prometheus\n{prom.log_tail()}\n--- synth\n{cluster.log_tail('synth', 20)}"
 
-        _wait(
-            "the synth target up",
+        wait_until(
             lambda: [t["health"] for t in prom.targets()] == ["up"],
-            20,
-            logs,
+            timeout_s=20,
+            interval_s=0.25,
+            what="the synth target up",
+            detail=logs,
         )
         labels = [str(d) for d in range(10)]
         with SynthClient(address, tls=participant_files(cluster.pki_dir, "coordinator")) as client:
@@ -512,13 +512,14 @@ def test_synth_queries_return_data_from_a_live_generate_and_pretrain(
 
         final_at = time.time()
         synth = _scrape(port)
-        _wait(
-            "a scrape of the synth service after the work",
+        wait_until(
             lambda: (
                 [float(s["value"][1]) > final_at for s in prom.query("timestamp(up)")] == [True]
             ),
-            15,
-            logs,
+            timeout_s=15,
+            interval_s=0.25,
+            what="a scrape of the synth service after the work",
+            detail=logs,
         )
         checked: list[str] = []
         failures: list[str] = []

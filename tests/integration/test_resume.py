@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
 from gptfl.cli.demo_cmd import digits_job_spec, digits_silos
 from gptfl.local_cluster import LocalCluster
-from tests.integration.conftest import start_and_submit
+from tests.integration.conftest import start_and_submit, wait_for_job_end
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
@@ -36,20 +36,20 @@ def test_sigkill_mid_job_resumes_without_counting_a_round_twice(tmp_path: Path) 
     try:
         job_id = start_and_submit(cluster, spec)
         with cluster.admin() as admin:
-            deadline = time.monotonic() + 120
-            while len(admin.status().rounds) < 2:
-                assert time.monotonic() < deadline, cluster.log_tail("coordinator")
-                time.sleep(0.05)
+            wait_until(
+                lambda: len(admin.status().rounds) >= 2,
+                timeout_s=120,
+                what="round 2 to end",
+                detail=lambda: cluster.log_tail("coordinator"),
+            )
         cluster.kill("coordinator")  # no chance to clean up
         cluster.start_coordinator()
         with cluster.admin() as admin:
             status = admin.status(wait_for_ready=True)
             assert status.job_id == job_id
-            deadline = time.monotonic() + 180
-            while not status.ended:
-                assert time.monotonic() < deadline, cluster.log_tail("coordinator")
-                time.sleep(0.3)
-                status = admin.status()
+            status = wait_for_job_end(
+                admin, timeout_s=180, interval_s=0.3, detail=lambda: cluster.log_tail("coordinator")
+            )
         assert status.phase == "finished", status.message
         exits = cluster.wait_silos(timeout_s=60)
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from gptfl.task import TaskSpec
 from gptfl.weights import build_manifest, iter_chunks
 from silo_agent.fleet_client import FleetClient
 from tests.integration.conftest import SILOS, StartCoordinator, silo_channel
+from tests.waiting import wait_until
 
 SPEC = {
     "name": "admission",
@@ -89,11 +89,7 @@ def _template(task: TaskSpec) -> dict[str, torch.Tensor]:
 
 
 def _pull(client: FleetClient) -> TaskSpec:
-    for _ in range(30):
-        task = client.pull_task(1.0).task
-        if task is not None:
-            return task
-    raise AssertionError("no task arrived")
+    return wait_until(lambda: client.pull_task(1.0).task, timeout_s=30, interval_s=0, what="a task")
 
 
 class Federation:
@@ -128,17 +124,12 @@ class Federation:
     def rejected(self, reason: str) -> float:
         """The rejection count for ``reason``, once the handler has unwound (it does so just
         after the call ends, so the count may trail the silo's error by a moment)."""
-        value = 0.0
-        for _ in range(100):
-            value = (
-                self.coordinator.metrics.registry.get_sample_value(
-                    "gptfl_updates_rejected_total", {"reason": reason}
-                )
-                or 0.0
-            )
-            if value:
-                break
-            time.sleep(0.05)
+        registry = self.coordinator.metrics.registry
+        value: float = wait_until(
+            lambda: registry.get_sample_value("gptfl_updates_rejected_total", {"reason": reason}),
+            timeout_s=5,
+            what=f"a rejection counted as {reason!r}",
+        )
         return value
 
     def close(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from coordinator.job_manager import ACTIVE, JobManager
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.silo_registry import SiloRegistry
 from coordinator.tasks import TaskBoard
+from tests.waiting import wait_until
 
 SPEC = """\
 name: crash
@@ -33,10 +33,11 @@ def _manager(tmp_path: Path) -> JobManager:
 
 
 def _wait_ended(manager: JobManager) -> None:
-    deadline = time.monotonic() + 30
-    while manager.current() is None or manager.current().is_running:  # type: ignore[union-attr]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(
+        lambda: (runner := manager.current()) is not None and not runner.is_running,
+        timeout_s=30,
+        what="the job to end",
+    )
 
 
 def test_a_job_that_ended_is_not_resumed_after_a_crash_during_its_export(
@@ -44,10 +45,9 @@ def test_a_job_that_ended_is_not_resumed_after_a_crash_during_its_export(
 ) -> None:
     first = _manager(tmp_path)
     job_id = first.submit(SPEC, submitted_by="admin")
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "state" / "jobs" / job_id / "checkpoints" / "LATEST").exists():
-        assert time.monotonic() < deadline  # round 0 is checkpointed while it waits for silos
-        time.sleep(0.05)
+    latest = tmp_path / "state" / "jobs" / job_id / "checkpoints" / "LATEST"
+    # round 0 is checkpointed while it waits for silos
+    wait_until(latest.exists, timeout_s=30, what="the round-0 checkpoint")
     first.stop("enough")
     _wait_ended(first)
     summary = tmp_path / "runs" / job_id / "summary.json"
@@ -69,10 +69,7 @@ def test_an_unreadable_checkpoint_does_not_stop_the_coordinator(
     first = _manager(tmp_path)
     job_id = first.submit(SPEC, submitted_by="admin")
     checkpoints = tmp_path / "state" / "jobs" / job_id / "checkpoints"
-    deadline = time.monotonic() + 30
-    while not (checkpoints / "LATEST").exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until((checkpoints / "LATEST").exists, timeout_s=30, what="the round-0 checkpoint")
     first.shutdown(grace_s=10)  # suspended: a restart would resume it
     latest = checkpoints / (checkpoints / "LATEST").read_text().strip()
     (latest / "state.json").write_text('{"job_id": ')  # damaged by hand, not by a crash

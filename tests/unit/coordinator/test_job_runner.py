@@ -40,6 +40,7 @@ from gptfl.job_spec import JobSpec
 from gptfl.models import build_model
 from gptfl.task import TaskKind
 from gptfl.weights import Chunk, WeightMap, build_manifest, iter_chunks, receive_all
+from tests.waiting import wait_until
 
 MODEL = {"arch": "cnn-small", "num_classes": 10, "in_channels": 1, "image_size": 8}
 CHUNK = 16 * 1024  # several chunks per update, so stream faults can sit mid-stream
@@ -706,8 +707,7 @@ def test_a_stop_during_the_pretrain_phase_ends_the_job_as_stopped(coord: Coordin
     def pretraining(runner: JobRunner) -> tuple[WeightMap, dict[str, Any]]:
         runner.report_pretrain("generating synthetic images: 10/100")
         reported.set()
-        while not runner.stop_requested:
-            threading.Event().wait(0.01)
+        wait_until(lambda: runner.stop_requested, timeout_s=WAIT, what="the stop")
         raise JobInterrupted("stopped while generating")
 
     runner = coord.runner(_spec(), initial=pretraining)
@@ -739,8 +739,10 @@ def test_a_terminal_status_means_the_report_is_written(coord: Coordinator) -> No
     runner = coord.runner(_spec(rounds=5))
     pull(runner, "a")
     runner.request_stop("admin asked")
-    while not runner.state.phase.terminal:  # what an admin polling the status sees
-        threading.Event().wait(0.001)
+    # what an admin polling the status sees: the files are there as soon as it is terminal
+    wait_until(
+        lambda: runner.state.phase.terminal, timeout_s=WAIT, interval_s=0.001, what="the end"
+    )
     for name in ("summary.json", "report.md", "model.safetensors"):
         assert (coord.tmp / "runs" / "job-1" / name).exists(), name
     runner.join(WAIT)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -37,6 +39,11 @@ def _task(silo: str = "a", round_: int = 1, kind: TaskKind = TaskKind.TRAIN) -> 
         local=_LOCAL,
         deadline_unix=time.time() + 60,
     )
+
+
+def _take(board: TaskBoard, task: TaskRecord) -> None:
+    """The silo names ``task`` in a call (a download, an upload): it holds the task."""
+    assert board.lookup(task.silo_id, task.task_id, None) is task
 
 
 class _Poll:
@@ -79,7 +86,65 @@ def test_each_task_is_handed_out_once_in_order() -> None:
     first, second = _task("a", 1), _task("a", 1, TaskKind.EVALUATE)
     board.publish([first, second])
     assert board.pull("a", 0) is first
+    _take(board, first)
     assert board.pull("a", 0) is second
+    _take(board, second)
+    assert board.pull("a", 0) is None
+
+
+def test_a_pull_whose_reply_was_lost_gets_the_same_task_again() -> None:
+    """gRPC retries a pull whose connection dropped; the task the lost reply carried is sent
+    again (the same record, not a copy), then never once the silo has named it."""
+    board = TaskBoard()
+    first, second = _task("a", 1), _task("a", 1, TaskKind.EVALUATE)
+    board.publish([first, second])
+    assert board.pull("a", 0) is first
+    assert board.pull("a", 0) is first  # the retried pull
+    assert first.status is TaskStatus.DISPATCHED
+    assert second.status is TaskStatus.PENDING  # not dispatched behind the silo's back
+    _take(board, first)
+    assert board.pull("a", 0) is second
+    _take(board, second)
+    assert board.pull("a", 0) is None
+
+
+def test_a_task_dispatched_to_a_poll_nobody_reads_goes_to_the_retried_poll() -> None:
+    """The coordinator's handler of a dropped call keeps waiting; when a task comes, it may
+    take it for a caller that is gone, while the caller's retried poll waits beside it."""
+    board = TaskBoard()
+    orphan, retried = _Poll(board, "a", timeout_s=30), _Poll(board, "a", timeout_s=30)
+    assert not retried.returned.wait(0.1)
+    task = _task("a")
+    board.publish([task])
+    orphan.join(10)
+    retried.join(10)
+    assert orphan.result is task and retried.result is task
+
+
+def test_a_task_the_silo_named_stays_with_it_even_when_its_report_was_refused() -> None:
+    """A refused report (non-finite metrics) leaves the task dispatched; the silo is told why
+    and must not be handed the same task again and again until the round's deadline."""
+    board = TaskBoard()
+    task = _task("a", kind=TaskKind.EVALUATE)
+    board.publish([task])
+    assert board.pull("a", 0) is task
+    _take(board, task)  # the report's lookup, before its values were refused
+    assert task.status is TaskStatus.DISPATCHED
+    assert board.pull("a", 0) is None
+
+
+def test_a_retired_task_is_not_kept_for_sending_again() -> None:
+    """Retiring a round frees its tasks (and their model) even if the silo never pulled again."""
+    board = TaskBoard()
+    task = _task("a")
+    board.publish([task])
+    assert board.pull("a", 0) is task
+    board.expire([task])
+    board.retire([task])
+    gone = weakref.ref(task)
+    del task
+    gc.collect()
+    assert gone() is None
     assert board.pull("a", 0) is None
 
 
@@ -274,6 +339,7 @@ def test_a_restarted_silo_gets_its_open_task_again() -> None:
     board.publish([mine, other])
     assert board.pull("a", 0) is mine
     assert board.pull("b", 0) is other
+    _take(board, mine)  # the old process downloaded its model, then died
     assert board.pull("a", 0) is None  # handed out once
     assert board.hand_back("a") == 1
     assert board.pull("a", 0) is mine  # the new process pulls it again

@@ -23,7 +23,7 @@ from gptfl.errors import (
     EXIT_UNAVAILABLE,
 )
 from gptfl.weights_io import save_weights
-from tests.rpc_fakes import FakeRpcError
+from tests.rpc_fakes import FakeRpcError, RefusingClient
 
 
 def _status(phase: str, message: str, rounds: int = 0) -> StatusView:
@@ -85,27 +85,8 @@ def test_a_failed_job_exits_with_the_job_failed_code() -> None:
 # ---- exit codes and one-line errors ---------------------------------------------------------
 
 
-class _RefusingClient:
-    """An admin client whose every call fails with one status."""
-
-    def __init__(self, error: grpc.RpcError) -> None:
-        self._error = error
-
-    def __enter__(self) -> _RefusingClient:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        return None
-
-    def submit(self, _text: str) -> str:
-        raise self._error
-
-    def stop(self, _reason: str) -> str:
-        raise self._error
-
-
 def _admin(monkeypatch: pytest.MonkeyPatch, error: grpc.RpcError, *argv: str) -> int:
-    monkeypatch.setattr(admin_cmd, "AdminClient", lambda *_a, **_k: _RefusingClient(error))
+    monkeypatch.setattr(admin_cmd, "AdminClient", lambda *_a, **_k: RefusingClient(error))
     return main(["admin", "--insecure", *argv])
 
 
@@ -124,18 +105,21 @@ def test_a_spec_the_coordinator_refuses_exits_with_the_config_code(
 
 
 @pytest.mark.parametrize(
-    ("code", "argv"),
+    ("code", "argv", "exit_code"),
     [
-        (grpc.StatusCode.UNAVAILABLE, ("submit", "SPEC")),
-        (grpc.StatusCode.FAILED_PRECONDITION, ("submit", "SPEC")),
-        (grpc.StatusCode.FAILED_PRECONDITION, ("stop",)),
+        (grpc.StatusCode.UNAVAILABLE, ("submit", "SPEC"), EXIT_UNAVAILABLE),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, ("stop",), EXIT_UNAVAILABLE),
+        (grpc.StatusCode.FAILED_PRECONDITION, ("submit", "SPEC"), EXIT_FAILURE),
+        (grpc.StatusCode.FAILED_PRECONDITION, ("stop",), EXIT_FAILURE),
+        (grpc.StatusCode.PERMISSION_DENIED, ("stop",), EXIT_FAILURE),
     ],
 )
-def test_other_refusals_exit_with_the_unavailable_code(
+def test_no_answer_exits_4_and_other_refusals_exit_1(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     code: grpc.StatusCode,
     argv: tuple[str, ...],
+    exit_code: int,
 ) -> None:
     spec = tmp_path / "job.yaml"
     spec.write_text(
@@ -143,7 +127,18 @@ def test_other_refusals_exit_with_the_unavailable_code(
         "rounds: 1\n"
     )
     argv = tuple(str(spec) if a == "SPEC" else a for a in argv)
-    assert _admin(monkeypatch, FakeRpcError(code, "no"), *argv) == EXIT_UNAVAILABLE
+    assert _admin(monkeypatch, FakeRpcError(code, "no"), *argv) == exit_code
+
+
+def test_an_unreachable_coordinator_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    down = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect")
+    assert _admin(monkeypatch, down, "stop") == EXIT_UNAVAILABLE
+    assert capsys.readouterr().err == (
+        "gptfl admin: coordinator unreachable (failed to connect); "
+        "check the address and certificates\n"
+    )
 
 
 class _Downloader:
