@@ -102,7 +102,7 @@ class TaskBoard:
         self._sent: dict[str, deque[TaskRecord]] = {}
         self._generation = 0
         # Tasks of past rounds, without their models: (silo, round, final status).
-        self._retired: dict[str, tuple[str, int, TaskStatus]] = {}
+        self._retired: dict[str, tuple[str, int, TaskStatus, TaskKind]] = {}
 
     def publish(self, tasks: Iterable[TaskRecord]) -> None:
         with self._cond:
@@ -184,6 +184,24 @@ class TaskBoard:
                 raise StaleTaskError(f"task {task_id} of round {task.round} is {task.status.value}")
             return task
 
+    def ended_as(self, silo_id: str, task_id: str) -> tuple[TaskKind, TaskStatus] | None:
+        """The kind and final status of ``silo_id``'s task ``task_id`` once it has ended (in
+        its round or retired since); None while it is open, or if it is not that silo's.
+
+        What a retried call needs: a decline or report whose first attempt arrived (and only
+        the reply was lost) is answered as done instead of refused.
+        """
+        with self._cond:
+            task = self._tasks.get(task_id)
+            if task is not None:
+                if task.silo_id != silo_id or not task.status.finished:
+                    return None
+                return task.kind, task.status
+            retired = self._retired.get(task_id)
+            if retired is None or retired[0] != silo_id:
+                return None
+            return retired[3], retired[2]
+
     def claim(self, task: TaskRecord) -> None:
         """Marks an upload for ``task`` as in progress; a second concurrent one is refused."""
         with self._cond:
@@ -247,7 +265,7 @@ class TaskBoard:
         with self._cond:
             for task in tasks:
                 self._tasks.pop(task.task_id, None)
-                self._retired[task.task_id] = (task.silo_id, task.round, task.status)
+                self._retired[task.task_id] = (task.silo_id, task.round, task.status, task.kind)
                 sent = self._sent.get(task.silo_id)
                 if sent is not None and any(t is task for t in sent):
                     self._sent[task.silo_id] = deque(t for t in sent if t is not task)
@@ -256,7 +274,7 @@ class TaskBoard:
         retired = self._retired.get(task_id)
         if retired is None:
             return
-        owner, round_, status = retired
+        owner, round_, status, _kind = retired
         if owner != silo_id:
             raise PermissionDeniedError(f"task {task_id} belongs to another silo")
         if status is TaskStatus.DONE:

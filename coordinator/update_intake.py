@@ -254,6 +254,14 @@ class UpdateIntake:
     # ---- evaluations and declines --------------------------------------------------------
 
     def receive_evaluation(self, silo_id: str, report: EvaluationReport) -> None:
+        """Checks and keeps a silo's evaluation report for the round's evaluation stage.
+
+        A report for an evaluation task that is already done is a retry whose first attempt
+        arrived: it is answered as done and changes nothing.
+        """
+        if self._board.ended_as(silo_id, report.task_id) == (TaskKind.EVALUATE, TaskStatus.DONE):
+            log.info("silo %s sent its evaluation of task %s again", silo_id, report.task_id)
+            return
         try:
             task = self._board.lookup(silo_id, report.task_id, TaskKind.EVALUATE)
             for key in ("loss", "accuracy"):
@@ -275,7 +283,11 @@ class UpdateIntake:
     def decline(self, silo_id: str, decline: Decline) -> None:
         """A silo declines one of its open tasks: recorded with its reason (verbatim, cut to
         :data:`MAX_DECLINE_REASON` characters), counted by kind, and shown by
-        ``gptfl admin status``."""
+        ``gptfl admin status``. A decline of a task this silo already declined is a retry
+        whose first attempt arrived: answered as done, counted once."""
+        ended = self._board.ended_as(silo_id, decline.task_id)
+        if ended is not None and ended[1] is TaskStatus.DECLINED:
+            return
         task = self._board.lookup(silo_id, decline.task_id, None)
         reason = decline.reason[:MAX_DECLINE_REASON]
         if not self._board.finish(task, TaskStatus.DECLINED, reason):

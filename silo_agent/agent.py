@@ -184,8 +184,10 @@ class SiloAgent:
         while not connection_closed.wait(max(interval_s, 0.5)) and not stop.is_set():
             try:
                 client.heartbeat(self._state)
-            except grpc.RpcError:
-                return  # the main loop notices and reconnects
+            except grpc.RpcError as exc:
+                # gRPC has already retried; a silo that trains through an outage keeps beating
+                # (the main loop reconnects if the coordinator is really gone).
+                log.debug("heartbeat failed (%s); trying again next interval", exc.code())
 
     def _serve(self, client: FleetApi, stop: threading.Event) -> bool:
         """Pulls and runs tasks; True when the agent should exit (job over, exit_after_job)."""

@@ -199,3 +199,38 @@ def test_evaluation_reports_are_checked(job: InProcessJob) -> None:
             servicer.ReportEvaluation(report, FakeContext())
         assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
     runner.request_stop("test over")
+
+
+def test_a_retried_decline_or_report_is_answered_as_done(job: InProcessJob) -> None:
+    """gRPC retries DeclineTask and ReportEvaluation; when the first attempt arrived and
+    only its reply was lost, the retry must not be refused or counted twice."""
+    runner = job.start(tiny_spec(evaluation={"federated": True}))
+    servicer, _ = _servicer(job, runner)
+    task = _pulled(servicer)
+    weights = job.download(runner, "a", task)  # type: ignore[arg-type]
+    job.upload(runner, "a", task, weights, 10)  # type: ignore[arg-type]
+    for other in ("b", "c"):
+        declined = job.pull(runner, other, TaskKind.TRAIN)
+        request = fleet_pb2.DeclineTaskRequest(task_id=declined.task_id, reason="busy")
+        servicer.DeclineTask(request, FakeContext(other))
+        servicer.DeclineTask(request, FakeContext(other))  # the retry
+    assert runner.state.silos["b"].tasks_declined == 1
+    evaluate = job.pull(runner, "a", TaskKind.EVALUATE)
+    report = fleet_pb2.EvaluationReport(
+        task_id=evaluate.task_id,
+        round=1,
+        num_examples=5,
+        metrics=serde.metrics_to_pb({"loss": 0.5, "accuracy": 0.8}),
+    )
+    servicer.ReportEvaluation(report, FakeContext())
+    servicer.ReportEvaluation(report, FakeContext())  # the retry
+    runner.join(WAIT_S)
+    (record,) = runner.state.rounds
+    assert record.federated_examples == 5 and record.updates_rejected == 0
+    assert sum(job.rejected(r) for r in ("duplicate", "stale_task")) == 0
+    # a decline of the *training* task the silo completed is still refused
+    with pytest.raises(Aborted) as refused:
+        servicer.DeclineTask(
+            fleet_pb2.DeclineTaskRequest(task_id=task.task_id, reason="late"), FakeContext()
+        )
+    assert refused.value.code is grpc.StatusCode.ALREADY_EXISTS
