@@ -343,6 +343,7 @@ class JobRunner:
                 model_spec=self.spec.model,
                 local=self._local_settings(number, silo),
                 deadline_unix=deadline_unix,
+                rounds=self.spec.rounds,
             )
             for silo in silos
         ]

@@ -71,6 +71,8 @@ class TaskRecord:
     model_spec: ModelSpec
     local: LocalSettings
     deadline_unix: float
+    #: the job's planned rounds (a DP silo calibrates its noise for all of them)
+    rounds: int = 0
     task_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: TaskStatus = TaskStatus.PENDING
     decline_reason: str = ""
@@ -88,6 +90,7 @@ class TaskRecord:
             model_sha256=self.model.manifest.sha256,
             local=self.local,
             deadline_unix=self.deadline_unix,
+            rounds=self.rounds,
         )
 
 

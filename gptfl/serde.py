@@ -222,6 +222,7 @@ def task_to_pb(task: TaskSpec) -> fleet_pb2.Task:
         model_sha256=task.model_sha256,
         train=local_settings_to_pb(task.local),
         deadline_unix_ms=round(task.deadline_unix * 1000),
+        rounds=task.rounds,
     )
 
 
@@ -243,6 +244,7 @@ def task_from_pb(pb: fleet_pb2.Task) -> TaskSpec:
         model_sha256=pb.model_sha256,
         local=local,
         deadline_unix=pb.deadline_unix_ms / 1000,
+        rounds=pb.rounds,
     )
 
 

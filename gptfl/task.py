@@ -66,6 +66,22 @@ class LocalSettings:
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """One silo's part in one round, as the silo is told it.
+
+    Attributes:
+        task_id: the task's id (unique in the coordinator).
+        job_id: the job it belongs to.
+        round: the round (1-based).
+        kind: train or evaluate.
+        model_spec: the architecture of the round's global model.
+        model_sha256: the payload digest of the model to download (the silo's cache key).
+        local: the local training settings.
+        deadline_unix: when the coordinator stops waiting for the reply (Unix seconds).
+        rounds: the job's planned number of rounds (its last round's number), so that a
+            silo with DP-SGD can calibrate its noise for the whole job; 0 when the
+            coordinator did not say (one older than this field).
+    """
+
     task_id: str
     job_id: str
     round: int
@@ -74,3 +90,4 @@ class TaskSpec:
     model_sha256: str
     local: LocalSettings
     deadline_unix: float
+    rounds: int = 0

@@ -149,6 +149,7 @@ def pull(runner: JobRunner, silo: str, kind: TaskKind = TaskKind.TRAIN) -> TaskR
     task = runner.pull_task(silo, WAIT)
     assert task is not None, f"no task for {silo}"
     assert task.kind is kind
+    assert task.spec().rounds == runner.spec.rounds  # what a DP silo calibrates its noise for
     return task
 
 

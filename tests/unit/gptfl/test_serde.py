@@ -77,6 +77,7 @@ TASKS = st.builds(
     local=LOCAL_SETTINGS,
     # int64 milliseconds; within +-2**53 ms a float of seconds still holds every millisecond
     deadline_unix=_seconds_in_ms(st.integers(min_value=-(2**50), max_value=2**50)),
+    rounds=UINT32,
 )
 
 
