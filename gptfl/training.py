@@ -298,7 +298,8 @@ def run_epochs(
 ) -> EpochStats:
     """Trains ``model`` for ``epochs`` passes over ``loader`` with cross-entropy.
 
-    Each batch is one step: forward, mean cross-entropy, backward, ``optimizer.step()``
+    Each batch is one step: ``optimizer.zero_grad()``, forward, mean cross-entropy, backward,
+    ``optimizer.step()``
     (with ``proximal``'s gradient added just before the base optimizer's update). The
     pieces may be wrappers: a model that computes per-sample gradients, a DP optimizer, a
     Poisson-sampling loader. A batch that sampling left empty still makes its step (under
@@ -335,12 +336,14 @@ def run_epochs(
                 inputs = batch_x.to(device, non_blocking=True)
                 targets = batch_y.to(device, non_blocking=True)
                 count = int(targets.shape[0])
+                # Before the forward pass: Opacus's expanded weights ("ew") refuse a forward
+                # while the last step's per-sample gradients are still there.
+                optimizer.zero_grad(set_to_none=True)
                 logits = model(inputs)
                 # The mean of no example is nan; their sum is 0 and still has a graph.
                 loss = functional.cross_entropy(
                     logits, targets, reduction="mean" if count else "sum"
                 )
-                optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 if count:

@@ -58,24 +58,39 @@ class SiloAgent:
         Args:
             config: the silo's config.
             metrics: where to count; a fresh registry by default.
-            trainer: how to train (plain local SGD by default).
+            trainer: how to train; by default DP-SGD under the config's ``privacy``
+                section (:class:`~silo_agent.dp_trainer.DpSgdTrainer`), plain local SGD
+                without one.
             connect: opens a connection per session (by default a gRPC channel to
                 ``config.coordinator`` with :class:`FleetClient`); tests pass a fake.
 
         Raises:
-            ConfigError: the data is missing or unusable, or the device is not available.
+            ConfigError: the data is missing or unusable, the device is not available, the
+                ``privacy`` section cannot be kept on this data, or the privacy ledger is
+                damaged.
         """
         self.config = config
         self.metrics = metrics or SiloMetrics.create()
         self.device = resolve_device(config.device)
         self.data = LocalData(config.data)
-        self.trainer: Trainer = trainer if trainer is not None else SgdTrainer()
+        self.trainer: Trainer = trainer if trainer is not None else self._default_trainer()
         self._connect: Connector = connect if connect is not None else self._grpc_connection
         self._cached: tuple[str, WeightMap] | None = None
         self._state = "idle"
         self._counts_changed = False
         self._jobs_seen_running: set[str] = set()
         self.tasks_completed = 0
+
+    def _default_trainer(self) -> Trainer:
+        privacy = self.config.privacy
+        if privacy is None:
+            return SgdTrainer()
+        # Imported here: Opacus is slow to import and only a silo with DP needs it.
+        from silo_agent.dp_trainer import DpSgdTrainer
+
+        return DpSgdTrainer.start(
+            privacy, state_dir=self.config.state_dir, num_examples=self.data.train_count()
+        )
 
     # ---- main loop ----------------------------------------------------------------------
 

@@ -33,6 +33,48 @@ class ReconnectConfig(StrictModel):
     max_backoff_s: float = pydantic.Field(30.0, gt=0)
 
 
+#: how Opacus computes per-sample gradients (docs/benchmarks.md compares them)
+GradSampleMode = Literal["hooks", "ew", "functorch"]
+
+
+class PrivacyConfig(StrictModel):
+    """Sample-level differential privacy for this silo's training data (DP-SGD through
+    Opacus, docs/privacy.md). The silo enforces the budget itself, across rounds, jobs and
+    restarts, with a ledger in its ``state_dir``.
+
+    Attributes:
+        target_epsilon: the job budget: the silo's epsilon on its training data at the end of
+            a job never exceeds it (rounds that would are refused).
+        target_delta: the delta of every guarantee; must be below 1/n for n training examples.
+        max_grad_norm: the per-sample gradient clipping bound.
+        noise_multiplier: a fixed noise multiplier; by default the silo computes the one that
+            makes every round of the job fit ``target_epsilon``.
+        accountant: ``rdp`` or ``prv`` (Opacus's accountants).
+        secure_rng: Opacus's secure mode (needs the ``torchcsprng`` package).
+        lifetime_epsilon: a budget over all jobs on this data (the composition of every job
+            the ledger holds); None: no lifetime limit (the spend is still kept).
+        grad_sample_mode: how per-sample gradients are computed.
+    """
+
+    target_epsilon: float = pydantic.Field(gt=0)
+    target_delta: float = pydantic.Field(gt=0, lt=1)
+    max_grad_norm: float = pydantic.Field(gt=0)
+    noise_multiplier: float | None = pydantic.Field(None, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    secure_rng: bool = False
+    lifetime_epsilon: float | None = pydantic.Field(None, gt=0)
+    grad_sample_mode: GradSampleMode = "hooks"
+
+    @pydantic.model_validator(mode="after")
+    def _lifetime_holds_a_job(self) -> PrivacyConfig:
+        if self.lifetime_epsilon is not None and self.lifetime_epsilon < self.target_epsilon:
+            raise ValueError(
+                f"lifetime_epsilon {self.lifetime_epsilon:g} is below target_epsilon "
+                f"{self.target_epsilon:g}: no job could spend its budget"
+            )
+        return self
+
+
 class SiloConfig(StrictModel):
     coordinator: DialAddress
     #: TLS name to expect in the coordinator's certificate when it differs from the address
@@ -50,6 +92,8 @@ class SiloConfig(StrictModel):
     poll_wait_s: float = pydantic.Field(20.0, gt=0, le=60)
     reconnect: ReconnectConfig = ReconnectConfig()
     log_format: Literal["text", "json"] = "text"
+    #: DP-SGD on every training task, under a budget the silo enforces (None: plain SGD)
+    privacy: PrivacyConfig | None = None
 
     @pydantic.model_validator(mode="after")
     def _tls_or_insecure(self) -> SiloConfig:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from gptfl.data.dataset import ArrayDataset
-from gptfl.data.partition import split_fraction
-from gptfl.data.sources import check_source, load_source
+from gptfl.data.partition import held_out_count, split_fraction
+from gptfl.data.sources import check_source, count_examples, load_source
 from gptfl.errors import ConfigError, GptflError, ValidationError
 from gptfl.models.spec import ModelSpec
 from silo_agent.config import DataConfig
@@ -52,6 +52,22 @@ class LocalData:
                 return 0, 0
             last = next(reversed(self._cache.values()))
             return len(last.train), len(last.eval)
+
+    def train_count(self) -> int:
+        """The training examples a task will train on, counted without reading an image
+        (the same for every input shape).
+
+        Raises:
+            ConfigError: a source is missing or unusable, naming its key.
+        """
+        cfg = self._config
+        try:
+            total = count_examples(cfg.train)
+        except GptflError as exc:
+            raise ConfigError(f"data.train: {exc}") from None
+        if cfg.eval is None and cfg.eval_fraction > 0:
+            return total - held_out_count(total, cfg.eval_fraction)
+        return total
 
     def for_model(self, spec: ModelSpec) -> LocalSplits:
         key = (spec.in_channels, spec.image_size)

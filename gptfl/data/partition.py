@@ -94,6 +94,11 @@ def dirichlet_partition(
     )
 
 
+def held_out_count(n: int, fraction: float) -> int:
+    """How many of ``n`` examples :func:`split_fraction` holds out: ``round(fraction * n)``."""
+    return int(round(fraction * n))
+
+
 def split_fraction(n: int, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Randomly holds out a fraction of ``n`` examples.
 
@@ -114,5 +119,5 @@ def split_fraction(n: int, *, fraction: float, seed: int) -> tuple[np.ndarray, n
     if not 0.0 <= fraction < 1.0:
         raise ValidationError(f"fraction must be in [0, 1), got {fraction}")
     order = np.random.default_rng(seed).permutation(n)
-    held = int(round(fraction * n))
+    held = held_out_count(n, fraction)
     return np.sort(order[held:]).astype(np.int64), np.sort(order[:held]).astype(np.int64)

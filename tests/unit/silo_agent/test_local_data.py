@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gptfl.errors import ConfigError
+from gptfl.models import ModelSpec
 from silo_agent.config import DataConfig
 from silo_agent.local_data import LocalData
 
@@ -44,3 +45,38 @@ def test_good_data_is_not_read_yet(tmp_path: Path) -> None:
     npz = tmp_path / "train.npz"
     np.savez(npz, x=np.zeros((2, 8, 8), np.float32), y=np.zeros(2, np.int64))
     assert LocalData(_data(train={"kind": "npz", "path": npz})).counts() == (0, 0)
+
+
+def _image_folder(root: Path, counts: dict[str, int]) -> Path:
+    from PIL import Image
+
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((6, 6), 20 * i, np.uint8)).save(root / name / f"{i}.png")
+        (root / name / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.mark.parametrize("eval_fraction", [0.0, 0.1, 0.3])
+def test_the_training_count_is_known_before_any_image_is_read(
+    tmp_path: Path, eval_fraction: float
+) -> None:
+    """A DP silo checks its delta against 1/n at start, before a task names the shape."""
+    npz = tmp_path / "train.npz"
+    np.savez(npz, x=np.zeros((37, 8, 8), np.float32), y=np.zeros(37, np.int64))
+    folder = _image_folder(tmp_path / "images", {"a": 7, "b": 12})
+    spec = ModelSpec(arch="cnn-small", num_classes=10, in_channels=1, image_size=8)
+    for train in (
+        {"kind": "npz", "path": npz},
+        {"kind": "imagefolder", "path": folder},
+        {"kind": "sklearn-digits", "partition": {"index": 1, "count": 3, "alpha": 0.5}},
+    ):
+        data = LocalData(_data(train=train, eval_fraction=eval_fraction))
+        count = data.train_count()
+        assert data.counts() == (0, 0)  # nothing loaded to count it
+        assert count == len(data.for_model(spec).train) > 0, train
+    separate = LocalData(
+        _data(train={"kind": "npz", "path": npz}, eval={"kind": "npz", "path": npz})
+    )
+    assert separate.train_count() == 37  # a separate evaluation set takes nothing away
