@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "gptfl.cli.admin_cmd",
     "gptfl.cli.demo_cmd",
     "gptfl.cli.synth_cmd",
+    "gptfl.cli.models_cmd",
 )
 
 

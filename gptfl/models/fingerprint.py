@@ -1,0 +1,151 @@
+"""Model fingerprints: does an architecture name mean the same model in two processes?
+
+A silo trains whatever its own installation builds for a name, and the coordinator averages
+what comes back by tensor name. Both must therefore resolve each name to the same code and
+the same parameter layout. A :class:`ModelFingerprint` says, for one architecture, which
+distribution provides it (and its version) and a digest of the layout it builds at its probe
+shape (every state-dict entry's name, shape and dtype, in order). A silo sends its
+fingerprints when it registers; the coordinator compares them with its own
+(:func:`mismatch_reason`) and refuses the silo with that one-line reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from gptfl.errors import ConfigError, ModelMismatchError
+from gptfl.models.registry import RegisteredArchitecture, architectures
+
+log = logging.getLogger(__name__)
+
+#: how many hex digits of a layout digest a message shows
+SHORT_DIGEST = 12
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """One architecture as one process resolves it.
+
+    Attributes:
+        arch: the registry name.
+        provider: the distribution providing it (``gpt-fl`` for the built-in zoo).
+        provider_version: that distribution's version.
+        layout_sha256: :func:`layout_digest` of the model built at the architecture's probe
+            shape.
+    """
+
+    arch: str
+    provider: str
+    provider_version: str
+    layout_sha256: str
+
+    def source(self) -> str:
+        """``provider version``, as messages show it."""
+        return f"{self.provider} {self.provider_version}"
+
+
+def parameter_layout(state: Mapping[str, torch.Tensor]) -> list[tuple[str, list[int], str]]:
+    """``(name, shape, dtype)`` of every entry of a state dict, in its order."""
+    return [
+        (name, list(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+        for name, tensor in state.items()
+    ]
+
+
+def layout_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (hex) of :func:`parameter_layout`: equal exactly when names, their order, shapes
+    and dtypes are equal. The values do not enter it."""
+    canonical = json.dumps(parameter_layout(state), separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def fingerprint(arch: RegisteredArchitecture) -> ModelFingerprint:
+    """The fingerprint of ``arch``, built at its probe shape.
+
+    The model is built on PyTorch's ``meta`` device, which allocates no memory and runs no
+    initialisation, so even a large model costs little; a builder that cannot build there is
+    built on the CPU instead.
+
+    Raises:
+        ConfigError: the builder refuses its own probe shape.
+    """
+    spec = arch.probe.spec(arch.name)
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"):
+                state = arch.build(spec).state_dict()
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - third-party builders fail in their own ways
+            log.debug("%s does not build on the meta device (%s); using the CPU", arch.name, exc)
+            state = arch.build(spec).state_dict()
+    return ModelFingerprint(arch.name, arch.provider, arch.provider_version, layout_digest(state))
+
+
+def local_fingerprints() -> tuple[ModelFingerprint, ...]:
+    """Fingerprints of every architecture this process resolves, sorted by name.
+
+    An architecture that cannot be built at its own probe shape is left out (and logged): it
+    is broken wherever it is installed, and building it for a job fails with its own error.
+    """
+    found: list[ModelFingerprint] = []
+    for arch in architectures():
+        try:
+            found.append(fingerprint(arch))
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the others
+            log.error(
+                "model architecture %s (%s %s) does not build at its probe shape: %s",
+                arch.name,
+                arch.provider,
+                arch.provider_version,
+                exc,
+            )
+    return tuple(sorted(found, key=lambda f: f.arch))
+
+
+def mismatch_reason(
+    coordinator: Iterable[ModelFingerprint], silo: Iterable[ModelFingerprint]
+) -> str | None:
+    """Why a silo's architectures do not match the coordinator's, in one line; None if they do.
+
+    Only names both sides know are compared: a silo may lack a package it has no job for
+    (a task on an architecture it lacks fails at the silo and says so), but a name both know
+    must come from the same provider and version and build the same layout.
+    """
+    ours = {f.arch: f for f in coordinator}
+    differences: list[str] = []
+    for theirs in sorted(silo, key=lambda f: f.arch):
+        mine = ours.get(theirs.arch)
+        if mine is None or mine == theirs:
+            continue
+        if mine.source() != theirs.source():
+            differences.append(
+                f"model architecture {theirs.arch!r} comes from {mine.source()} at the "
+                f"coordinator but from {theirs.source()} at the silo"
+            )
+        else:
+            differences.append(
+                f"model architecture {theirs.arch!r} ({mine.source()}) builds a different "
+                f"parameter layout at the silo (layout {theirs.layout_sha256[:SHORT_DIGEST]}, "
+                f"coordinator {mine.layout_sha256[:SHORT_DIGEST]})"
+            )
+    if not differences:
+        return None
+    more = len(differences) - 1
+    return differences[0] + (f" (and {more} more architecture(s) differ)" if more else "")
+
+
+def check_silo_models(
+    coordinator: Iterable[ModelFingerprint], silo: Iterable[ModelFingerprint]
+) -> None:
+    """Raises :class:`~gptfl.errors.ModelMismatchError` with :func:`mismatch_reason`'s line
+    when the silo's architectures do not match the coordinator's."""
+    reason = mismatch_reason(coordinator, silo)
+    if reason is not None:
+        raise ModelMismatchError(reason)
