@@ -5,12 +5,13 @@ The only module besides servicers and clients that touches generated protobuf cl
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import pydantic
 
 from gptfl.chunk_wire import decode_chunk_part, encode_chunk_part
 from gptfl.errors import ValidationError
+from gptfl.models.fingerprint import ModelFingerprint
 from gptfl.models.spec import ModelSpec
 from gptfl.proto.v1 import common_pb2, fleet_pb2
 from gptfl.task import LocalSettings, TaskKind, TaskSpec
@@ -152,6 +153,39 @@ def split_weight_stream(
             yield part_chunk(part)
 
     return manifest, chunks()
+
+
+#: bounds on the fingerprints a silo may send at registration (a peer's list is not trusted)
+MAX_FINGERPRINTS = 1024
+MAX_FINGERPRINT_FIELD = 256
+
+
+def fingerprints_to_pb(found: Iterable[ModelFingerprint]) -> list[fleet_pb2.ModelFingerprint]:
+    return [
+        fleet_pb2.ModelFingerprint(
+            arch=f.arch,
+            provider=f.provider,
+            provider_version=f.provider_version,
+            layout_sha256=f.layout_sha256,
+        )
+        for f in found
+    ]
+
+
+def fingerprints_from_pb(pbs: Sequence[fleet_pb2.ModelFingerprint]) -> list[ModelFingerprint]:
+    """The domain fingerprints; too many, or an oversized field, is a ValidationError."""
+    if len(pbs) > MAX_FINGERPRINTS:
+        raise ValidationError(f"models: {len(pbs)} fingerprints, at most {MAX_FINGERPRINTS}")
+    found = []
+    for pb in pbs:
+        fields = (pb.arch, pb.provider, pb.provider_version, pb.layout_sha256)
+        if not pb.arch or any(len(value) > MAX_FINGERPRINT_FIELD for value in fields):
+            raise ValidationError(
+                f"models: a fingerprint needs an arch and fields of at most "
+                f"{MAX_FINGERPRINT_FIELD} characters (arch {pb.arch[:40]!r})"
+            )
+        found.append(ModelFingerprint(*fields))
+    return found
 
 
 def model_spec_to_pb(spec: ModelSpec) -> common_pb2.ModelSpec:

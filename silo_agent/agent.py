@@ -19,6 +19,7 @@ from gptfl import __version__
 from gptfl.errors import GptflError
 from gptfl.identity import insecure_metadata
 from gptfl.models import build_model
+from gptfl.models.fingerprint import local_fingerprints
 from gptfl.models.spec import ModelSpec
 from gptfl.pki import Identity
 from gptfl.proto.v1 import fleet_pb2
@@ -59,6 +60,7 @@ class SiloAgent:
         self._counts_changed = False
         self._jobs_seen_running: set[str] = set()
         self.tasks_completed = 0
+        self._fingerprints = local_fingerprints()
 
     # ---- main loop ----------------------------------------------------------------------
 
@@ -89,6 +91,9 @@ class SiloAgent:
                 finally:
                     connected.set()  # ends this connection's heartbeat thread
                     beat.join()
+            except FatalAgentError as exc:
+                log.error("the coordinator refused this silo: %s", exc)
+                return 1
             except grpc.RpcError as exc:
                 code = exc.code()
                 if stop.is_set():
@@ -110,15 +115,27 @@ class SiloAgent:
         return 0
 
     def _register(self, client: FleetClient) -> fleet_pb2.RegisterReply:
-        """Tells the coordinator who we are and how much data we hold (known once loaded)."""
+        """Tells the coordinator who we are, how much data we hold (known once loaded) and
+        which model architectures we resolve.
+
+        Raises:
+            FatalAgentError: the coordinator refused this silo's models (FAILED_PRECONDITION:
+                an architecture differs in provider, version or layout); retrying cannot help.
+        """
         self._counts_changed = False  # the counts sent now are the current ones
         num_train, num_eval = self.data.counts()
-        return client.register(
-            agent_version=__version__,
-            device=str(self.device),
-            num_train=num_train,
-            num_eval=num_eval,
-        )
+        try:
+            return client.register(
+                agent_version=__version__,
+                device=str(self.device),
+                num_train=num_train,
+                num_eval=num_eval,
+                models=self._fingerprints,
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise FatalAgentError(exc.details()) from None
+            raise
 
     def _splits(self, task: TaskSpec) -> LocalSplits:
         before = self.data.counts()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -12,6 +12,7 @@ import torch
 
 from gptfl import serde
 from gptfl.errors import ChecksumError, UnavailableError
+from gptfl.models.fingerprint import ModelFingerprint
 from gptfl.proto.v1 import fleet_pb2, fleet_pb2_grpc
 from gptfl.task import TaskSpec
 from gptfl.weights import WeightMap, build_manifest, iter_chunks, receive_all, specs_of
@@ -56,7 +57,13 @@ class FleetClient:
         )
 
     def register(
-        self, *, agent_version: str, device: str, num_train: int, num_eval: int
+        self,
+        *,
+        agent_version: str,
+        device: str,
+        num_train: int,
+        num_eval: int,
+        models: Iterable[ModelFingerprint] = (),
     ) -> fleet_pb2.RegisterReply:
         reply: fleet_pb2.RegisterReply = self._stub.Register(
             fleet_pb2.RegisterRequest(
@@ -64,6 +71,7 @@ class FleetClient:
                 device=device,
                 num_train_examples=num_train,
                 num_eval_examples=num_eval,
+                models=serde.fingerprints_to_pb(models),
             ),
             timeout=REGISTER_TIMEOUT_S,
             metadata=self._metadata,
