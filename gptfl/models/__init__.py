@@ -4,7 +4,7 @@ Built-in architectures register on import; installed packages add theirs through
 ``gptfl.models`` entry-point group (see :mod:`gptfl.models.registry` and docs/models.md).
 """
 
-from gptfl.models import cnn, resnet  # noqa: F401  (importing registers the architectures)
+from gptfl.models import cnn, hf_vision, resnet  # noqa: F401  (importing registers them)
 from gptfl.models.registry import (
     ENTRY_POINT_GROUP,
     Architecture,

@@ -12,6 +12,7 @@ fingerprints when it registers; the coordinator compares them with its own
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -35,9 +36,10 @@ class ModelFingerprint:
     Attributes:
         arch: the registry name.
         provider: the distribution providing it (``gpt-fl`` for the built-in zoo).
-        provider_version: that distribution's version.
+        provider_version: that distribution's version; for a built-in architecture that
+            wraps a large library, followed by that library's version in parentheses.
         layout_sha256: :func:`layout_digest` of the model built at the architecture's probe
-            shape.
+            shape; empty when the versions stand for the layout (such a built-in).
     """
 
     arch: str
@@ -72,9 +74,22 @@ def fingerprint(arch: RegisteredArchitecture) -> ModelFingerprint:
     initialisation, so even a large model costs little; a builder that cannot build there is
     built on the CPU instead.
 
+    A built-in architecture that wraps a large library (``layout_from``: the ``transformers``
+    models) is not built: importing ``transformers``' model code costs every process about
+    2.5 s and 130 MB, most of them never build such a model, and gpt-fl's version with the
+    library's fixes its code and so its layout. Its version reads ``0.1.0 (transformers
+    5.24.0)`` and its layout digest is empty.
+
     Raises:
         ConfigError: the builder refuses its own probe shape.
     """
+    if arch.layout_from is not None:
+        try:
+            library = importlib.metadata.version(arch.layout_from)
+        except importlib.metadata.PackageNotFoundError:
+            library = "not installed"
+        version = f"{arch.provider_version} ({arch.layout_from} {library})"
+        return ModelFingerprint(arch.name, arch.provider, version, "")
     spec = arch.probe.spec(arch.name)
     with torch.random.fork_rng(devices=[]):
         try:
@@ -116,7 +131,8 @@ def mismatch_reason(
 
     Only names both sides know are compared: a silo may lack a package it has no job for
     (a task on an architecture it lacks fails at the silo and says so), but a name both know
-    must come from the same provider and version and build the same layout.
+    must come from the same provider and version and build the same layout (when both sides
+    have a layout digest: an empty one means the versions stand for it).
     """
     ours = {f.arch: f for f in coordinator}
     differences: list[str] = []
@@ -129,7 +145,7 @@ def mismatch_reason(
                 f"model architecture {theirs.arch!r} comes from {mine.source()} at the "
                 f"coordinator but from {theirs.source()} at the silo"
             )
-        else:
+        elif mine.layout_sha256 and theirs.layout_sha256:
             differences.append(
                 f"model architecture {theirs.arch!r} ({mine.source()}) builds a different "
                 f"parameter layout at the silo (layout {theirs.layout_sha256[:SHORT_DIGEST]}, "

@@ -91,6 +91,10 @@ class RegisteredArchitecture:
         probe: the shape its layout fingerprint is taken at.
         provider: the distribution that provides it (``gpt-fl`` for the built-in zoo).
         provider_version: that distribution's version.
+        layout_from: for a built-in architecture that wraps a large library, that
+            library's distribution name: its version stands for the parameter layout in the
+            fingerprint, so that fingerprinting does not import it (see
+            :func:`gptfl.models.fingerprint.fingerprint`).
     """
 
     name: str
@@ -98,6 +102,7 @@ class RegisteredArchitecture:
     probe: ProbeShape
     provider: str
     provider_version: str
+    layout_from: str | None = None
 
     @property
     def builtin(self) -> bool:
@@ -112,13 +117,17 @@ _plugins: dict[str, RegisteredArchitecture] | None = None
 _problems: dict[str, str] = {}
 
 
-def register(name: str, *, probe: ProbeShape | None = None) -> Callable[[Builder], Builder]:
+def register(
+    name: str, *, probe: ProbeShape | None = None, layout_from: str | None = None
+) -> Callable[[Builder], Builder]:
     """Registers a built-in builder under ``name``.
 
     Args:
         name: the architecture's registry name.
         probe: a shape the builder supports (for the layout fingerprint); the
             :class:`ProbeShape` defaults when left out.
+        layout_from: the distribution whose version identifies the layout instead of a
+            probe build (see :class:`RegisteredArchitecture`).
 
     Returns:
         A decorator that records the builder and returns it unchanged.
@@ -134,7 +143,7 @@ def register(name: str, *, probe: ProbeShape | None = None) -> Callable[[Builder
         if name in _BUILTINS:
             raise ValueError(f"model architecture {name!r} is already registered")
         _BUILTINS[name] = RegisteredArchitecture(
-            name, builder, probe or ProbeShape(), BUILTIN_PROVIDER, __version__
+            name, builder, probe or ProbeShape(), BUILTIN_PROVIDER, __version__, layout_from
         )
         return builder
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -9,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptfl import __version__
 from gptfl.errors import ModelMismatchError
 from gptfl.models import architecture, build_model
 from gptfl.models.fingerprint import (
@@ -20,6 +26,7 @@ from gptfl.models.fingerprint import (
     mismatch_reason,
 )
 from gptfl.models.registry import ProbeShape, RegisteredArchitecture
+from tests.conftest import REPO_ROOT
 from tests.plugin_dists import PluginPath
 
 
@@ -170,3 +177,35 @@ def test_an_architecture_that_refuses_its_own_probe_is_left_out(
     )
     names = {f.arch for f in local_fingerprints()}
     assert "picky-net" not in names and {"cnn-small", "resnet20"} <= names
+
+
+def test_transformers_architectures_are_fingerprinted_by_version_without_importing_it() -> None:
+    code = (
+        "import json, sys\n"
+        "from gptfl.models.fingerprint import local_fingerprints\n"
+        "found = {f.arch: [f.provider_version, f.layout_sha256] for f in local_fingerprints()}\n"
+        "print(json.dumps({'found': found, 'imported': 'transformers' in sys.modules}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["imported"] is False
+    library = importlib.metadata.version("transformers")
+    for arch in ("resnet18-gn", "resnet50-gn", "convnext-tiny", "vit-b16"):
+        assert result["found"][arch] == [f"{__version__} (transformers {library})", ""]
+    assert len(result["found"]["cnn-small"][1]) == 64  # the small ones are built
+
+
+def test_a_version_only_fingerprint_is_compared_by_its_versions() -> None:
+    vit = ModelFingerprint("vit-b16", "gpt-fl", "0.1.0 (transformers 5.24.0)", "")
+    assert mismatch_reason([vit], [vit]) is None
+    reason = mismatch_reason([vit], [replace(vit, provider_version="0.1.0 (transformers 5.3.0)")])
+    assert reason == (
+        "model architecture 'vit-b16' comes from gpt-fl 0.1.0 (transformers 5.24.0) at the "
+        "coordinator but from gpt-fl 0.1.0 (transformers 5.3.0) at the silo"
+    )
+    # An empty digest on one side only (a peer that built it) is not a layout difference.
+    assert mismatch_reason([vit], [replace(vit, layout_sha256="e" * 64)]) is None
