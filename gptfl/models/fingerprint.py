@@ -17,8 +17,10 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from gptfl.errors import ConfigError, ModelMismatchError
 from gptfl.models.registry import RegisteredArchitecture, architectures
@@ -27,6 +29,33 @@ log = logging.getLogger(__name__)
 
 #: how many hex digits of a layout digest a message shows
 SHORT_DIGEST = 12
+#: the in-place random fills that initialise parameters (torch.nn.init's building blocks)
+_RANDOM_FILLS = frozenset(
+    {"normal_", "uniform_", "bernoulli_", "exponential_", "geometric_", "log_normal_"}
+    | {"cauchy_", "random_"}
+)
+
+
+class _SkipRandomFills(TorchFunctionMode):
+    """Skips random fills of meta tensors. The values do not enter a layout, and on the meta
+    device these ops have no kernel: PyTorch decomposes them through code that imports
+    torch._dynamo on first use (about 1 s and 75 MB in every process that fingerprints)."""
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if (
+            getattr(func, "__name__", "") in _RANDOM_FILLS
+            and args
+            and isinstance(args[0], torch.Tensor)
+            and args[0].is_meta
+        ):
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 @dataclass(frozen=True)
@@ -70,9 +99,9 @@ def layout_digest(state: Mapping[str, torch.Tensor]) -> str:
 def fingerprint(arch: RegisteredArchitecture) -> ModelFingerprint:
     """The fingerprint of ``arch``, built at its probe shape.
 
-    The model is built on PyTorch's ``meta`` device, which allocates no memory and runs no
-    initialisation, so even a large model costs little; a builder that cannot build there is
-    built on the CPU instead.
+    The model is built on PyTorch's ``meta`` device, which allocates no memory, with its
+    random initialisation skipped, so even a large model costs little; a builder that cannot
+    build there is built on the CPU instead.
 
     A built-in architecture that wraps a large library (``layout_from``: the ``transformers``
     models) is not built: importing ``transformers``' model code costs every process about
@@ -93,7 +122,7 @@ def fingerprint(arch: RegisteredArchitecture) -> ModelFingerprint:
     spec = arch.probe.spec(arch.name)
     with torch.random.fork_rng(devices=[]):
         try:
-            with torch.device("meta"):
+            with torch.device("meta"), _SkipRandomFills():
                 state = arch.build(spec).state_dict()
         except ConfigError:
             raise
