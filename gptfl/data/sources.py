@@ -215,7 +215,7 @@ def _read_image_folder(
         all_labels += [label] * len(files)
     # Split and partition first, from the labels alone: only the chosen files are read.
     chosen = source.select(np.asarray(all_labels, dtype=np.int64))
-    images = [_read_image(listed[i]) for i in chosen]
+    images = [read_image(listed[i]) for i in chosen]
     labels = [all_labels[i] for i in chosen]
     x = np.empty((len(images), in_channels, image_size, image_size), dtype=np.float32)
     by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -230,8 +230,12 @@ def _read_image_folder(
     return ArrayDataset(x=x, y=np.asarray(labels, dtype=np.int64))
 
 
-def _read_image(file: Path) -> np.ndarray:
-    """One image as float32 ``(C, H, W)`` in [0, 1]: C is 1 for grayscale files, else 3."""
+def read_image(file: Path) -> np.ndarray:
+    """One image as float32 ``(C, H, W)`` in [0, 1]: C is 1 for grayscale files, else 3.
+
+    Raises:
+        ValidationError: the file is not a readable image.
+    """
     try:
         with Image.open(file) as opened:
             target = "L" if opened.mode in _GRAY_MODES else "RGB"
