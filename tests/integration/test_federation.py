@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -21,7 +22,7 @@ from gptfl.pki import participant_files
 from gptfl.proto.v1 import admin_pb2, admin_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 from gptfl.rpc import open_channel
 from gptfl.training import evaluate
-from tests.integration.conftest import start_and_submit, wait_for_end
+from tests.integration.conftest import start_and_submit
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,11 @@ def test_three_silos_two_rounds_learn_over_mtls(tmp_path: Path) -> None:
     try:
         job_id = start_and_submit(cluster, spec_dict)
         with cluster.admin() as admin:
-            status = wait_for_end(admin, 240)
+            deadline = time.monotonic() + 240
+            status = admin.status()
+            while not status.ended and time.monotonic() < deadline:
+                time.sleep(0.5)
+                status = admin.status()
             assert status.phase == "finished", (status.message, cluster.log_tail("coordinator"))
             silos = {s.silo_id: s for s in admin.silos()}
         exits = cluster.wait_silos(timeout_s=60)
