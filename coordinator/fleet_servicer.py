@@ -15,9 +15,10 @@ from coordinator.job_manager import JobManager
 from coordinator.job_state import Phase
 from coordinator.silo_registry import SiloRegistry
 from gptfl import __version__, serde
-from gptfl.errors import StaleTaskError, ValidationError
+from gptfl.errors import GptflError, StaleTaskError, ValidationError
 from gptfl.fleet_messages import FleetPhase, PullReply, RegisterAck, UploadResult
 from gptfl.identity import caller_identity, require_role
+from gptfl.models.fingerprint import check_silo_models, local_fingerprints
 from gptfl.proto.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
 from gptfl.rpc import maps_errors, maps_stream_errors
 from gptfl.weights import Chunk
@@ -51,6 +52,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self._registry = registry
         self._heartbeat_s = heartbeat_interval_s
         self._insecure = insecure
+        # What each architecture name means here; a silo where a name means another model is
+        # refused at registration. Computed once: the installed packages do not change.
+        self._models = local_fingerprints()
 
     def _silo(self, context: grpc.ServicerContext, state: str | None = None) -> str:
         identity = caller_identity(context, insecure=self._insecure)
@@ -64,7 +68,13 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     ) -> fleet_pb2.RegisterReply:
         identity = caller_identity(context, insecure=self._insecure)
         require_role(identity, "silo")
+        self._registry.check_allowed(identity.common_name)
         registration = serde.registration_from_pb(request)
+        try:
+            check_silo_models(self._models, registration.models)
+        except GptflError as exc:
+            log.warning("silo %s refused: %s", identity.common_name, exc)
+            raise
         self._registry.register(
             identity.common_name,
             agent_version=registration.agent_version,

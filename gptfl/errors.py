@@ -107,6 +107,14 @@ class JobStateError(GptflError):
     reason = "job_state"
 
 
+class ModelMismatchError(GptflError):
+    """An architecture name means a different model at the caller (another provider, version
+    or parameter layout), so their updates could not be averaged with the others."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "model_mismatch"
+
+
 class ResourceLimitError(GptflError):
     """A payload is larger than the receiver accepts."""
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gptfl.errors import NonFiniteError, ValidationError
+from gptfl.models.fingerprint import ModelFingerprint
 from gptfl.task import TaskSpec
 
 
@@ -33,12 +34,17 @@ class FleetPhase(enum.Enum):
 
 @dataclass(frozen=True)
 class Registration:
-    """A silo's Register: who it is comes from its certificate, the rest from here."""
+    """A silo's Register: who it is comes from its certificate, the rest from here.
+
+    ``models`` are the fingerprints of the architectures the silo resolves (name, provider
+    and version, parameter layout), checked against the coordinator's own.
+    """
 
     agent_version: str
     device: str
     num_train_examples: int
     num_eval_examples: int
+    models: tuple[ModelFingerprint, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SiloPlan:
-    """One silo to start: its id and the ``data:`` section of its config."""
+    """One silo to start: its id, the ``data:`` section of its config, more config keys, and
+    environment variables its process gets on top of the cluster's (e.g. a ``PYTHONPATH``
+    with another installation of a model package)."""
 
     silo_id: str
     data: Mapping[str, Any]
     extra: Mapping[str, Any] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,13 +129,15 @@ class LocalCluster:
         files = participant_files(self.pki_dir, role, name)
         return {"ca": str(files.ca), "cert": str(files.cert), "key": str(files.key)}
 
-    def _spawn(self, name: str, module: str, config: Path) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, module: str, config: Path, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log_file = open(self.logs_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
         process = subprocess.Popen(
             [sys.executable, "-m", module, "--config", str(config)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env=self._env,
+            env={**self._env, **(env or {})},
             start_new_session=True,  # a Ctrl-C in the terminal reaches the demo, which stops us
         )
         log_file.close()
@@ -264,7 +269,7 @@ class LocalCluster:
             endpoints_file.unlink(missing_ok=True)
             path = self.work_dir / f"silo-{plan.silo_id}.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False))
-            self._spawn(plan.silo_id, "silo_agent.main", path)
+            self._spawn(plan.silo_id, "silo_agent.main", path, plan.env)
             started[plan.silo_id] = endpoints_file
         if self._metrics:
             self._wait_silo_endpoints(started, timeout_s)

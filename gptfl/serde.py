@@ -6,7 +6,7 @@ The only module besides servicers and clients that touches generated protobuf cl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import pydantic
 
@@ -23,6 +23,7 @@ from gptfl.fleet_messages import (
     UpdateHeader,
     UploadResult,
 )
+from gptfl.models.fingerprint import ModelFingerprint
 from gptfl.models.spec import ModelSpec
 from gptfl.proto.v1 import common_pb2, fleet_pb2
 from gptfl.task import LocalSettings, TaskKind, TaskSpec
@@ -166,6 +167,39 @@ def split_weight_stream(
     return manifest, chunks()
 
 
+#: bounds on the fingerprints a silo may send at registration (a peer's list is not trusted)
+MAX_FINGERPRINTS = 1024
+MAX_FINGERPRINT_FIELD = 256
+
+
+def fingerprints_to_pb(found: Iterable[ModelFingerprint]) -> list[fleet_pb2.ModelFingerprint]:
+    return [
+        fleet_pb2.ModelFingerprint(
+            arch=f.arch,
+            provider=f.provider,
+            provider_version=f.provider_version,
+            layout_sha256=f.layout_sha256,
+        )
+        for f in found
+    ]
+
+
+def fingerprints_from_pb(pbs: Sequence[fleet_pb2.ModelFingerprint]) -> list[ModelFingerprint]:
+    """The domain fingerprints; too many, or an oversized field, is a ValidationError."""
+    if len(pbs) > MAX_FINGERPRINTS:
+        raise ValidationError(f"models: {len(pbs)} fingerprints, at most {MAX_FINGERPRINTS}")
+    found = []
+    for pb in pbs:
+        fields = (pb.arch, pb.provider, pb.provider_version, pb.layout_sha256)
+        if not pb.arch or any(len(value) > MAX_FINGERPRINT_FIELD for value in fields):
+            raise ValidationError(
+                f"models: a fingerprint needs an arch and fields of at most "
+                f"{MAX_FINGERPRINT_FIELD} characters (arch {pb.arch[:40]!r})"
+            )
+        found.append(ModelFingerprint(*fields))
+    return found
+
+
 def model_spec_to_pb(spec: ModelSpec) -> common_pb2.ModelSpec:
     return common_pb2.ModelSpec(
         arch=spec.arch,
@@ -267,15 +301,18 @@ def registration_to_pb(registration: Registration) -> fleet_pb2.RegisterRequest:
         device=registration.device,
         num_train_examples=registration.num_train_examples,
         num_eval_examples=registration.num_eval_examples,
+        models=fingerprints_to_pb(registration.models),
     )
 
 
 def registration_from_pb(pb: fleet_pb2.RegisterRequest) -> Registration:
+    """The domain registration; too many or oversized fingerprints are a ValidationError."""
     return Registration(
         agent_version=pb.agent_version,
         device=pb.device,
         num_train_examples=pb.num_train_examples,
         num_eval_examples=pb.num_eval_examples,
+        models=tuple(fingerprints_from_pb(pb.models)),
     )
 
 

@@ -23,6 +23,7 @@ from gptfl.errors import GptflError, TaskRefused, ValidationError
 from gptfl.fleet_messages import Decline, EvaluationReport, FleetPhase, RegisterAck
 from gptfl.identity import insecure_metadata
 from gptfl.models import build_model
+from gptfl.models.fingerprint import local_fingerprints
 from gptfl.pki import Identity
 from gptfl.retry import Backoff
 from gptfl.rpc import open_channel
@@ -39,6 +40,11 @@ from silo_agent.upload_retry import upload_with_retries
 log = logging.getLogger(__name__)
 
 _FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+
+
+class FatalAgentError(Exception):
+    """The coordinator refuses this silo for a reason retrying cannot change (its models)."""
+
 
 #: opens one connection to the coordinator: entered, it gives the client; left, it closes
 Connector = Callable[[], AbstractContextManager[FleetApi]]
@@ -75,6 +81,9 @@ class SiloAgent:
         self.data = LocalData(config.data)
         self.trainer: Trainer = trainer if trainer is not None else self._default_trainer()
         self._connect: Connector = connect if connect is not None else self._grpc_connection
+        # What each architecture name means here, sent at registration: a coordinator where a
+        # name means another model refuses this silo instead of failing its uploads later.
+        self._fingerprints = local_fingerprints()
         self._cached: tuple[str, WeightMap] | None = None
         self._state = "idle"
         self._counts_changed = False
@@ -123,6 +132,9 @@ class SiloAgent:
                     finally:
                         connected.set()  # ends this connection's heartbeat thread
                         beat.join()
+            except FatalAgentError as exc:
+                log.error("the coordinator refused this silo: %s", exc)
+                return 1
             except grpc.RpcError as exc:
                 code = exc.code()
                 if stop.is_set():
@@ -164,15 +176,27 @@ class SiloAgent:
             channel.close()
 
     def _register(self, client: FleetApi) -> RegisterAck:
-        """Tells the coordinator who we are and how much data we hold (known once loaded)."""
+        """Tells the coordinator who we are, how much data we hold (known once loaded) and
+        which model architectures we resolve.
+
+        Raises:
+            FatalAgentError: the coordinator refused this silo's models (FAILED_PRECONDITION:
+                an architecture differs in provider, version or layout); retrying cannot help.
+        """
         self._counts_changed = False  # the counts sent now are the current ones
         num_train, num_eval = self.data.counts()
-        return client.register(
-            agent_version=__version__,
-            device=str(self.device),
-            num_train=num_train,
-            num_eval=num_eval,
-        )
+        try:
+            return client.register(
+                agent_version=__version__,
+                device=str(self.device),
+                num_train=num_train,
+                num_eval=num_eval,
+                models=self._fingerprints,
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise FatalAgentError(exc.details()) from None
+            raise
 
     def _splits(self, task: TaskSpec) -> LocalSplits:
         before = self.data.counts()

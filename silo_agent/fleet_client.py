@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Protocol
 
 import grpc
@@ -27,6 +27,7 @@ from gptfl.fleet_messages import (
     UpdateHeader,
     UploadResult,
 )
+from gptfl.models.fingerprint import ModelFingerprint
 from gptfl.proto.v1 import fleet_pb2, fleet_pb2_grpc
 from gptfl.task import TaskSpec
 from gptfl.weights import WeightMap, build_manifest, iter_chunks, receive_all, specs_of
@@ -48,7 +49,13 @@ class FleetApi(Protocol):
     """The calls a silo agent makes on the coordinator (:class:`FleetClient` has them all)."""
 
     def register(
-        self, *, agent_version: str, device: str, num_train: int, num_eval: int
+        self,
+        *,
+        agent_version: str,
+        device: str,
+        num_train: int,
+        num_eval: int,
+        models: Iterable[ModelFingerprint] = (),
     ) -> RegisterAck: ...
 
     def heartbeat(self, state: str) -> None: ...
@@ -96,14 +103,22 @@ class FleetClient:
         )
 
     def register(
-        self, *, agent_version: str, device: str, num_train: int, num_eval: int
+        self,
+        *,
+        agent_version: str,
+        device: str,
+        num_train: int,
+        num_eval: int,
+        models: Iterable[ModelFingerprint] = (),
     ) -> RegisterAck:
-        """Tells the coordinator who this silo is (its certificate) and what data it holds."""
+        """Tells the coordinator who this silo is (its certificate), what data it holds and
+        which model architectures it resolves."""
         registration = Registration(
             agent_version=agent_version,
             device=device,
             num_train_examples=num_train,
             num_eval_examples=num_eval,
+            models=tuple(models),
         )
         reply: fleet_pb2.RegisterReply = self._stub.Register(
             serde.registration_to_pb(registration),

@@ -24,7 +24,9 @@ COMMAND_MODULES = (
     "gptfl.cli.pki_cmd",
     "gptfl.cli.admin_cmd",
     "gptfl.cli.demo_cmd",
+    "gptfl.cli.federate_cmd",
     "gptfl.cli.synth_cmd",
+    "gptfl.cli.models_cmd",
 )
 
 

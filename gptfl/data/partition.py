@@ -1,6 +1,9 @@
-"""Deterministic splits of a dataset: label-skewed non-IID partitions and held-out fractions."""
+"""Deterministic splits of a dataset: IID, label-skewed (Dirichlet) and by-column partitions,
+and held-out fractions."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import pydantic
@@ -12,27 +15,81 @@ from gptfl.errors import ValidationError
 MAX_PARTITION_ATTEMPTS = 100
 
 
+PartitionScheme = Literal["dirichlet", "iid", "column"]
+
+
 class PartitionSpec(StrictModel):
-    """Which part of a Dirichlet label-skewed split a silo holds.
+    """Which part of a split a silo holds.
 
     Attributes:
         index: this part's position, ``0 <= index < count``.
         count: number of parts the data is split into.
-        alpha: Dirichlet concentration; small values give strongly skewed label mixes, large
-            values give nearly IID parts.
+        scheme: ``dirichlet``: label-skewed parts (:func:`dirichlet_partition`); ``iid``:
+            equal-sized random parts (:func:`iid_partition`); ``column``: one part per value
+            of an array of the ``.npz`` (a site, a scanner, a patient group:
+            :func:`column_partition`).
+        alpha: Dirichlet concentration (``dirichlet`` only); small values give strongly
+            skewed label mixes, large values give nearly IID parts.
+        column: the ``.npz`` array of group values, shape ``(N,)`` (``column`` only).
         seed: seed of the split; every silo must use the same one to get disjoint parts.
     """
 
     index: int = pydantic.Field(ge=0)
     count: int = pydantic.Field(ge=1)
+    scheme: PartitionScheme = "dirichlet"
     alpha: float = pydantic.Field(default=0.5, gt=0)
+    column: str | None = pydantic.Field(default=None, min_length=1)
     seed: int = 0
 
     @pydantic.model_validator(mode="after")
     def _index_in_range(self) -> PartitionSpec:
         if self.index >= self.count:
             raise ValueError(f"index must be < count ({self.count}), got {self.index}")
+        if (self.scheme == "column") != (self.column is not None):
+            raise ValueError("column names the group array of scheme 'column' (and only of it)")
         return self
+
+    def parts(self, labels: np.ndarray, groups: np.ndarray | None = None) -> list[np.ndarray]:
+        """Every part's indices into ``labels`` (``groups``: the column's values)."""
+        if self.scheme == "iid":
+            return iid_partition(labels.shape[0], count=self.count, seed=self.seed)
+        if self.scheme == "column":
+            if groups is None:
+                raise ValidationError(f"partition by column {self.column!r} needs its values")
+            return column_partition(groups, count=self.count, name=str(self.column))
+        return dirichlet_partition(labels, count=self.count, alpha=self.alpha, seed=self.seed)
+
+
+def iid_partition(n: int, *, count: int, seed: int) -> list[np.ndarray]:
+    """Splits ``range(n)`` into ``count`` random parts whose sizes differ by at most one.
+
+    Raises:
+        ValidationError: fewer examples than parts.
+    """
+    if count < 1 or n < count:
+        raise ValidationError(f"cannot split {n} examples into {count} non-empty parts")
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part).astype(np.int64) for part in np.array_split(order, count)]
+
+
+def column_partition(groups: np.ndarray, *, count: int, name: str) -> list[np.ndarray]:
+    """One part per distinct value of ``groups``, in sorted order of the values.
+
+    Raises:
+        ValidationError: ``groups`` is not one value per example, or it holds another number
+            of distinct values than ``count``.
+    """
+    groups = np.asarray(groups)
+    if groups.ndim != 1:
+        raise ValidationError(f"column {name!r} must have shape (N,), got {groups.shape}")
+    values = np.unique(groups)
+    if values.size != count:
+        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
+        raise ValidationError(
+            f"column {name!r} has {values.size} distinct values ({shown}) but the partition "
+            f"count is {count}: one part per value"
+        )
+    return [np.flatnonzero(groups == value).astype(np.int64) for value in values]
 
 
 def dirichlet_partition(

@@ -5,9 +5,15 @@ A source is a small pydantic spec discriminated on ``kind`` so it can sit in a Y
 .. code-block:: yaml
 
     data:
-      kind: sklearn-digits
+      kind: npz
+      path: /data/scans.npz
       split: train
-      partition: {index: 0, count: 4, alpha: 0.5}
+      partition: {index: 0, count: 4, scheme: dirichlet, alpha: 0.5}
+
+Every source can load a seeded train/test split of its examples (``split``, ``test_fraction``,
+``split_seed``) and, of the train split or all of it, one part of a partition (``partition``:
+IID, Dirichlet label skew, or by an ``.npz`` column), so one file can be split over simulated
+silos and a test set without writing any files.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import logging
 import zipfile
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import pydantic
@@ -23,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from gptfl.config_loading import StrictModel
 from gptfl.data.dataset import RESIZE_MODES, ArrayDataset, ResizeMode, fit_to_shape
-from gptfl.data.partition import PartitionSpec, dirichlet_partition, split_fraction
+from gptfl.data.partition import PartitionSpec, split_fraction
 from gptfl.errors import ConfigError, ValidationError
 
 logger = logging.getLogger(__name__)
@@ -34,53 +40,94 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 _GRAY_MODES = frozenset({"1", "L", "LA"})
 
 
-class ImageFolderSource(StrictModel):
+Split = Literal["train", "test", "all"]
+
+
+class _Selection(StrictModel):
+    """Which of a source's examples are loaded: a split, then one part of a partition.
+
+    Attributes:
+        split: ``"train"``, ``"test"`` or ``"all"`` (no split).
+        test_fraction: share of the examples held out as the test split.
+        split_seed: seed of the train/test split (:func:`split_fraction`).
+        partition: when given, only this part of the train split (or of all examples) is
+            loaded: a silo of a simulated federation.
+    """
+
+    split: Split
+    test_fraction: float = pydantic.Field(default=0.2, gt=0, lt=1)
+    split_seed: int = 0
+    partition: PartitionSpec | None = None
+    #: the source has arrays besides the images and labels (a partition may name one)
+    HAS_COLUMNS: ClassVar[bool] = False
+
+    @pydantic.model_validator(mode="after")
+    def _partition_fits(self) -> _Selection:
+        if self.partition is None:
+            return self
+        if self.split == "test":
+            raise ValueError(
+                "partition applies to the train split only (or to all examples); set split: train"
+            )
+        if self.partition.scheme == "column" and not self.HAS_COLUMNS:
+            raise ValueError("partition scheme 'column' reads an array of an npz source")
+        return self
+
+    def select(self, labels: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+        """Sorted indices of the examples this selection loads, given all labels (and the
+        partition column's values, for ``scheme: column``)."""
+        chosen = np.arange(labels.shape[0], dtype=np.int64)
+        if self.split != "all":
+            train, test = split_fraction(
+                labels.shape[0], fraction=self.test_fraction, seed=self.split_seed
+            )
+            chosen = train if self.split == "train" else test
+        if self.partition is not None:
+            part_groups = None if groups is None else groups[chosen]
+            chosen = chosen[self.partition.parts(labels[chosen], part_groups)[self.partition.index]]
+        return chosen
+
+
+class ImageFolderSource(_Selection):
     """A folder with one sub-folder of PNG/JPEG images per class.
 
     Attributes:
         path: the root folder (relative paths are kept as given; callers resolve them).
         class_names: the classes in label order; by default the sorted sub-folder names.
             When given, each name must be a sub-folder and other sub-folders are ignored.
+        split: as in :class:`_Selection`; ``"all"`` by default. The files are listed in
+            label order, then by name, before the split.
     """
 
     kind: Literal["imagefolder"]
     path: Path
     class_names: list[str] | None = None
+    split: Split = "all"
 
 
-class NpzSource(StrictModel):
+class NpzSource(_Selection):
     """A NumPy ``.npz`` archive with arrays ``x`` and ``y``.
 
     ``x`` is ``(N, H, W)``, ``(N, C, H, W)`` or ``(N, H, W, C)`` with C 1 or 3, either uint8
-    in 0..255 or float in [0, 1]; ``y`` holds ``N`` non-negative integer labels.
+    in 0..255 or float in [0, 1]; ``y`` holds ``N`` non-negative integer labels. A partition
+    by column reads one more array of ``N`` values (``partition.column``). ``split`` is
+    ``"all"`` by default.
     """
 
     kind: Literal["npz"]
     path: Path
+    split: Split = "all"
+    HAS_COLUMNS: ClassVar[bool] = True
 
 
-class SklearnDigitsSource(StrictModel):
+class SklearnDigitsSource(_Selection):
     """scikit-learn's bundled handwritten digits (1797 8x8 images, 10 classes).
 
-    Attributes:
-        split: ``"train"``, ``"test"`` or ``"all"``.
-        test_fraction: share of the 1797 images held out as the test split.
-        split_seed: seed of the train/test split.
-        partition: when given, only this silo's Dirichlet part of the train split is loaded
-            (with ``split="train"`` only).
+    ``split`` is ``"train"`` by default (the rest as in :class:`_Selection`).
     """
 
     kind: Literal["sklearn-digits"]
-    split: Literal["train", "test", "all"] = "train"
-    test_fraction: float = pydantic.Field(default=0.2, gt=0, lt=1)
-    split_seed: int = 0
-    partition: PartitionSpec | None = None
-
-    @pydantic.model_validator(mode="after")
-    def _partition_needs_train(self) -> SklearnDigitsSource:
-        if self.partition is not None and self.split != "train":
-            raise ValueError("partition applies to the train split only; set split: train")
-        return self
+    split: Split = "train"
 
 
 DataSource = Annotated[
@@ -115,63 +162,48 @@ def load_source(
         # Files may differ in size, so they are fitted in groups of equal shape.
         return _read_image_folder(source, in_channels=in_channels, image_size=image_size, mode=mode)
     if isinstance(source, NpzSource):
-        x, y = _read_npz(source.path)
+        x, y, groups = _read_npz(source.path, column=_column(source))
     else:
-        x, y = _read_sklearn_digits(source)
-    x = fit_to_shape(x, in_channels=in_channels, image_size=image_size, mode=mode)
-    return ArrayDataset(x=x, y=y)
+        x, y, groups = _read_sklearn_digits()
+    chosen = source.select(y, groups)
+    x = fit_to_shape(x[chosen], in_channels=in_channels, image_size=image_size, mode=mode)
+    return ArrayDataset(x=x, y=y[chosen])
 
 
-def _read_sklearn_digits(source: SklearnDigitsSource) -> tuple[np.ndarray, np.ndarray]:
+def _column(source: NpzSource) -> str | None:
+    return source.partition.column if source.partition is not None else None
+
+
+def _read_sklearn_digits() -> tuple[np.ndarray, np.ndarray, None]:
     # Imported lazily: scikit-learn is slow to import and only this source needs it.
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = (np.asarray(digits.images, dtype=np.float32) / 16.0)[:, None, :, :]
-    labels = np.asarray(digits.target, dtype=np.int64)
-    if source.split == "all":
-        return images, labels
-    train, test = split_fraction(
-        labels.shape[0], fraction=source.test_fraction, seed=source.split_seed
-    )
-    if source.split == "test":
-        return images[test], labels[test]
-    if source.partition is not None:
-        spec = source.partition
-        parts = dirichlet_partition(
-            labels[train], count=spec.count, alpha=spec.alpha, seed=spec.seed
-        )
-        train = train[parts[spec.index]]
-    return images[train], labels[train]
+    return images, np.asarray(digits.target, dtype=np.int64), None
 
 
 def count_examples(source: DataSource) -> int:
-    """How many examples :func:`load_source` gives for ``source``, without decoding an image
-    (a service's start needs the count before any task says which input shape to load).
+    """How many examples :func:`load_source` gives for ``source`` (its split and partition
+    applied), without decoding an image: a service's start needs the count before any task
+    says which input shape to load.
 
     Raises:
         ConfigError: as :func:`load_source` for a missing path or a bad folder layout.
-        ValidationError: an ``.npz`` that cannot be read or has no labels of shape (N,).
+        ValidationError: an ``.npz`` that cannot be read or has malformed labels.
     """
     if isinstance(source, ImageFolderSource):
-        return sum(len(files) for files in _class_files(source))
+        _files, labels, _names = _list_image_folder(source)
+        return len(source.select(labels))
     if isinstance(source, NpzSource):
-        with _open_npz(source.path) as archive:
-            try:
-                labels = archive["y"]
-            except (OSError, ValueError, zipfile.BadZipFile) as exc:
-                raise ValidationError(f"cannot read npz file {source.path}: {exc}") from None
-        if labels.ndim != 1:
-            raise ValidationError(
-                f"npz file {source.path}: y: expected one label per example, got shape "
-                f"{labels.shape}"
-            )
-        return int(labels.shape[0])
-    return int(_read_sklearn_digits(source)[1].shape[0])
+        y, groups = _read_npz_labels(source.path, column=_column(source))
+    else:
+        _x, y, groups = _read_sklearn_digits()
+    return len(source.select(y, groups))
 
 
-def _class_files(source: ImageFolderSource) -> list[list[Path]]:
-    """The image files of each class of an image folder, in label order."""
+def _list_image_folder(source: ImageFolderSource) -> tuple[list[Path], np.ndarray, list[str]]:
+    """An image folder's files, their labels and the class names, in label order."""
     root = source.path
     _check_image_folder(root)
     present = sorted(child.name for child in root.iterdir() if child.is_dir())
@@ -188,28 +220,28 @@ def _class_files(source: ImageFolderSource) -> list[list[Path]]:
             raise ConfigError(
                 f"image folder {root} has no sub-folder for class(es) {', '.join(missing)}"
             )
-    by_class = []
-    for name in class_names:
+    listed: list[Path] = []
+    all_labels: list[int] = []
+    for label, name in enumerate(class_names):
         folder = root / name
         files = sorted(
             f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
         )
         if not files:
             raise ConfigError(f"class folder {folder} has no PNG or JPEG images")
-        by_class.append(files)
-    return by_class
+        listed += files
+        all_labels += [label] * len(files)
+    return listed, np.asarray(all_labels, dtype=np.int64), class_names
 
 
 def _read_image_folder(
     source: ImageFolderSource, *, in_channels: int, image_size: int, mode: ResizeMode
 ) -> ArrayDataset:
-    by_class = _class_files(source)
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    for label, files in enumerate(by_class):
-        for file in files:
-            images.append(_read_image(file))
-            labels.append(label)
+    listed, all_labels, class_names = _list_image_folder(source)
+    # Split and partition first, from the labels alone: only the chosen files are read.
+    chosen = source.select(all_labels)
+    images = [read_image(listed[i]) for i in chosen]
+    labels = all_labels[chosen]
     x = np.empty((len(images), in_channels, image_size, image_size), dtype=np.float32)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for position, image in enumerate(images):
@@ -219,12 +251,18 @@ def _read_image_folder(
         x[positions] = fit_to_shape(
             group, in_channels=in_channels, image_size=image_size, mode=mode
         )
-    logger.info("loaded %d images in %d classes from %s", len(labels), len(by_class), source.path)
+    logger.info(
+        "loaded %d images in %d classes from %s", len(labels), len(class_names), source.path
+    )
     return ArrayDataset(x=x, y=np.asarray(labels, dtype=np.int64))
 
 
-def _read_image(file: Path) -> np.ndarray:
-    """One image as float32 ``(C, H, W)`` in [0, 1]: C is 1 for grayscale files, else 3."""
+def read_image(file: Path) -> np.ndarray:
+    """One image as float32 ``(C, H, W)`` in [0, 1]: C is 1 for grayscale files, else 3.
+
+    Raises:
+        ValidationError: the file is not a readable image.
+    """
     try:
         with Image.open(file) as opened:
             target = "L" if opened.mode in _GRAY_MODES else "RGB"
@@ -247,7 +285,7 @@ def check_source(source: DataSource) -> None:
     if isinstance(source, ImageFolderSource):
         _check_image_folder(source.path)
     elif isinstance(source, NpzSource):
-        _open_npz(source.path).close()
+        _open_npz(source.path, column=_column(source)).close()
 
 
 def _check_image_folder(root: Path) -> None:
@@ -255,8 +293,8 @@ def _check_image_folder(root: Path) -> None:
         raise ConfigError(f"image folder {root} does not exist or is not a directory")
 
 
-def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
-    """The open archive, once it is known to hold ``x`` and ``y``."""
+def _open_npz(path: Path, *, column: str | None = None) -> np.lib.npyio.NpzFile:
+    """The open archive, once it is known to hold ``x``, ``y`` (and ``column``)."""
     if not path.is_file():
         raise ConfigError(f"npz file {path} does not exist or is not a file")
     try:
@@ -265,7 +303,7 @@ def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
         raise ValidationError(f"cannot read npz file {path}: {exc}") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValidationError(f"npz file {path} is a single array, not an archive of x and y")
-    missing = [key for key in ("x", "y") if key not in archive.files]
+    missing = [key for key in ("x", "y", column) if key is not None and key not in archive.files]
     if missing:
         archive.close()
         raise ValidationError(
@@ -275,15 +313,41 @@ def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
     return archive
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with _open_npz(path) as archive:
+def _read_npz_labels(
+    path: Path, *, column: str | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``y`` and the ``column`` array of an ``.npz``, without reading ``x``."""
+    with _open_npz(path, column=column) as archive:
         try:
-            raw_x, raw_y = archive["x"], archive["y"]
+            raw_y = archive["y"]
+            groups = archive[column] if column is not None else None
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
             raise ValidationError(f"cannot read npz file {path}: {exc}") from None
-    return _images_from_array(raw_x, where=f"npz file {path}: x"), _labels_from_array(
-        raw_y, count=raw_x.shape[0], where=f"npz file {path}: y"
-    )
+    count = raw_y.shape[0] if raw_y.ndim else 0
+    if groups is not None and groups.shape != (count,):
+        raise ValidationError(
+            f"npz file {path}: {column}: expected shape ({count},), got {groups.shape}"
+        )
+    return _labels_from_array(raw_y, count=count, where=f"npz file {path}: y"), groups
+
+
+def _read_npz(
+    path: Path, *, column: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``x`` as float32 ``(N, C, H, W)``, ``y``, and the ``column`` array when named."""
+    with _open_npz(path, column=column) as archive:
+        try:
+            raw_x, raw_y = archive["x"], archive["y"]
+            groups = archive[column] if column is not None else None
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise ValidationError(f"cannot read npz file {path}: {exc}") from None
+    count = raw_x.shape[0]
+    if groups is not None and groups.shape != (count,):
+        raise ValidationError(
+            f"npz file {path}: {column}: expected shape ({count},), got {groups.shape}"
+        )
+    images = _images_from_array(raw_x, where=f"npz file {path}: x")
+    return images, _labels_from_array(raw_y, count=count, where=f"npz file {path}: y"), groups
 
 
 def _images_from_array(raw: np.ndarray, *, where: str) -> np.ndarray:

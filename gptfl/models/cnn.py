@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gptfl.errors import ConfigError
-from gptfl.models.registry import register
+from gptfl.models.registry import ProbeShape, register
 from gptfl.models.spec import ModelSpec
 
 MIN_IMAGE_SIZE = 8
@@ -50,7 +50,7 @@ class SmallCnn(nn.Module):
         return self.classifier(self.features(x))  # type: ignore[no-any-return]
 
 
-@register("cnn-small")
+@register("cnn-small", probe=ProbeShape(image_size=MAX_IMAGE_SIZE))
 def build_cnn_small(spec: ModelSpec) -> nn.Module:
     """Builds ``cnn-small`` for ``spec``; supports image sizes 8 to 28."""
     if not MIN_IMAGE_SIZE <= spec.image_size <= MAX_IMAGE_SIZE:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,16 @@ def start(pki_dir: Path, tmp_path: Path) -> Iterator[StartCoordinator]:
 
 def silo_channel(pki_dir: Path, silo: str, port: int) -> grpc.Channel:
     return open_channel(f"127.0.0.1:{port}", tls=participant_files(pki_dir, "silo", silo))
+
+
+def wait_for_end(admin: AdminClient, timeout_s: float, *, poll_s: float = 0.5) -> StatusView:
+    """Polls the job's status until it ends or ``timeout_s`` passes; returns the last one."""
+    deadline = time.monotonic() + timeout_s
+    status = admin.status()
+    while not status.ended and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        status = admin.status()
+    return status
 
 
 def start_and_submit(cluster: LocalCluster, spec: dict[str, Any]) -> str:

@@ -1,13 +1,20 @@
-"""Dirichlet non-IID partitions and held-out splits."""
+"""IID, Dirichlet non-IID and by-column partitions, and held-out splits."""
 
 from __future__ import annotations
 
 import numpy as np
+import pydantic
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptfl.data.partition import PartitionSpec, dirichlet_partition, split_fraction
+from gptfl.data.partition import (
+    PartitionSpec,
+    column_partition,
+    dirichlet_partition,
+    iid_partition,
+    split_fraction,
+)
 from gptfl.errors import ValidationError
 
 
@@ -105,3 +112,60 @@ def test_partition_spec_index_must_be_below_count() -> None:
     assert PartitionSpec(index=3, count=4).alpha == 0.5
     with pytest.raises(ValueError, match="index must be < count"):
         PartitionSpec(index=4, count=4)
+
+
+@pytest.mark.parametrize(("n", "count"), [(10, 3), (7, 7), (100, 1), (101, 4)])
+def test_iid_parts_are_disjoint_random_and_balanced(n: int, count: int) -> None:
+    parts = iid_partition(n, count=count, seed=3)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(n))
+    sizes = [part.size for part in parts]
+    assert max(sizes) - min(sizes) <= 1
+    if count > 1:
+        assert not np.array_equal(parts[0], np.arange(parts[0].size))  # shuffled, not cut
+    again = iid_partition(n, count=count, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_iid_needs_an_example_per_part() -> None:
+    with pytest.raises(ValidationError, match="cannot split 2 examples into 3 non-empty parts"):
+        iid_partition(2, count=3, seed=0)
+
+
+def test_column_parts_follow_the_sorted_values() -> None:
+    groups = np.array(["b", "a", "c", "a", "b", "a"])
+    parts = column_partition(groups, count=3, name="site")
+    assert [part.tolist() for part in parts] == [[1, 3, 5], [0, 4], [2]]
+
+
+def test_column_with_another_number_of_values_is_refused() -> None:
+    with pytest.raises(ValidationError) as error:
+        column_partition(np.array([1, 2, 2, 5]), count=2, name="site")
+    assert str(error.value) == (
+        "column 'site' has 3 distinct values (1, 2, 5) but the partition count is 2: one part "
+        "per value"
+    )
+    with pytest.raises(ValidationError, match=r"must have shape \(N,\)"):
+        column_partition(np.zeros((2, 2)), count=1, name="site")
+
+
+def test_the_spec_picks_the_scheme() -> None:
+    labels = _labels(60, 3)
+    iid = PartitionSpec(index=0, count=3, scheme="iid", seed=1).parts(labels)
+    assert [p.size for p in iid] == [20, 20, 20]
+    skewed = PartitionSpec(index=0, count=3, alpha=0.5, seed=1).parts(labels)
+    expected = dirichlet_partition(labels, count=3, alpha=0.5, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(skewed, expected, strict=True))
+    by_site = PartitionSpec(index=0, count=2, scheme="column", column="site")
+    assert [p.tolist() for p in by_site.parts(labels[:4], np.array([7, 3, 7, 3]))] == [
+        [1, 3],
+        [0, 2],
+    ]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"scheme": "column"}, {"scheme": "iid", "column": "site"}, {"column": "site"}],
+)
+def test_column_goes_with_scheme_column_only(fields: dict[str, str]) -> None:
+    with pytest.raises(pydantic.ValidationError, match="column names the group array"):
+        PartitionSpec.model_validate({"index": 0, "count": 2, **fields})

@@ -130,7 +130,8 @@ def test_a_union_members_own_rule_is_named_by_the_source_key(tmp_path: Path) -> 
     )
     message = _error(SiloConfig, _write(tmp_path, text))
     assert message == (
-        "config.yaml: data.train: partition applies to the train split only; set split: train"
+        "config.yaml: data.train: partition applies to the train split only (or to all "
+        "examples); set split: train"
     )
 
 

@@ -408,7 +408,8 @@ def test_a_model_validator_of_a_data_source_names_the_source_key() -> None:
         "partition: {index: 0, count: 2, alpha: 0.5}}}\n"
     )
     assert message == (
-        "job.yaml: evaluation.server: partition applies to the train split only; set split: train"
+        "job.yaml: evaluation.server: partition applies to the train split only (or to all "
+        "examples); set split: train"
     )
 
 

@@ -28,6 +28,7 @@ from gptfl.fleet_messages import (
     UpdateHeader,
     UploadResult,
 )
+from gptfl.models.fingerprint import ModelFingerprint
 from gptfl.models.spec import ModelSpec
 from gptfl.proto.v1 import fleet_pb2
 from gptfl.task import LocalSettings, TaskKind, TaskSpec
@@ -119,9 +120,21 @@ def test_task(value: TaskSpec) -> None:
     _round_trip(serde.task_to_pb, serde.task_from_pb, value)
 
 
+FINGERPRINTS = st.lists(
+    st.builds(
+        ModelFingerprint,
+        arch=st.text(min_size=1, max_size=40),
+        provider=st.text(max_size=40),
+        provider_version=st.text(max_size=40),
+        layout_sha256=st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+    ),
+    max_size=4,
+).map(tuple)
+
+
 @_ANY_PACE
 @given(st.builds(Registration, agent_version=TEXT, device=TEXT, num_train_examples=UINT64,
-                 num_eval_examples=UINT64))  # fmt: skip
+                 num_eval_examples=UINT64, models=FINGERPRINTS))  # fmt: skip
 def test_registration(value: Registration) -> None:
     _round_trip(serde.registration_to_pb, serde.registration_from_pb, value)
 

@@ -12,7 +12,7 @@ import dataclasses
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from gptfl.fleet_messages import (
     UploadResult,
 )
 from gptfl.models import ModelSpec, build_model
+from gptfl.models.fingerprint import ModelFingerprint
 from gptfl.task import LocalSettings, TaskKind, TaskSpec
 from gptfl.training import train_local
 from gptfl.weights import WeightMap, build_manifest
@@ -114,9 +115,17 @@ class FakeFleet:
             self.connections_open -= 1
 
     def register(
-        self, *, agent_version: str, device: str, num_train: int, num_eval: int
+        self,
+        *,
+        agent_version: str,
+        device: str,
+        num_train: int,
+        num_eval: int,
+        models: Iterable[ModelFingerprint] = (),
     ) -> RegisterAck:
-        self.registrations.append(Registration(agent_version, device, num_train, num_eval))
+        self.registrations.append(
+            Registration(agent_version, device, num_train, num_eval, tuple(models))
+        )
         self.registered.set()
         return RegisterAck(silo_id="silo-a", heartbeat_interval_s=0.5, coordinator_version="t")
 
