@@ -216,7 +216,10 @@ def test_a_model_opacus_cannot_make_private_is_refused(
             torch.nn.LazyLinear(spec.num_classes),
         )
 
-    monkeypatch.setitem(registry._BUILDERS, "batchnorm-cnn", batch_norm_cnn)
+    registered = registry.RegisteredArchitecture(
+        "batchnorm-cnn", batch_norm_cnn, registry.ProbeShape(), "tests", "0"
+    )
+    monkeypatch.setitem(registry._BUILTINS, "batchnorm-cnn", registered)
     trainer = DpSgdTrainer.start(PRIVACY, state_dir=tmp_path, num_examples=N)
     spec = SPEC.model_copy(update={"arch": "batchnorm-cnn"})
     with pytest.raises(TaskRefused) as refused:
