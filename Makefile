@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv protos lint typecheck images charts clean
+.PHONY: demo demo-dp test venv protos lint typecheck images charts clean
 
 $(VENV)/.installed-dev: requirements/constraints.txt requirements/runtime.txt requirements/dev.txt pyproject.toml scripts/install.sh
 	scripts/install.sh $(VENV) dev
@@ -13,6 +13,10 @@ venv: $(VENV)/.installed-dev
 ## demo: the embedded end-to-end job (coordinator + silo agents as processes, mTLS, loopback)
 demo: venv
 	$(PY) -m gptfl.cli.main demo
+
+## demo-dp: the same comparison with DP-SGD at every silo (epsilon 8, delta 1e-5 per silo and job)
+demo-dp: venv
+	$(PY) -m gptfl.cli.main demo --dp --epsilon 8 --delta 1e-5
 
 ## test: lint, type check and the whole test suite (pytest exit 5, "no tests ran", fails)
 test: venv lint typecheck

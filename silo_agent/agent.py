@@ -326,13 +326,14 @@ class SiloAgent:
         self.metrics.examples.inc(outcome.num_examples)
         self._state = "uploading"
         self._upload(client, task, outcome)
+        figures = outcome.metrics
         log.info(
-            "round %d: trained on %d examples in %.2fs (loss %.4f, accuracy %.3f)",
+            "round %d: trained on %d examples in %.2fs (%s)",
             task.round,
             outcome.num_examples,
             outcome.seconds,
-            outcome.metrics["loss"],
-            outcome.metrics["accuracy"],
+            ", ".join(f"{key} {value:.4g}" for key, value in sorted(figures.items()))
+            or "no training figures reported",
         )
 
     def _upload(self, client: FleetApi, task: TaskSpec, outcome: TrainingOutcome) -> None:

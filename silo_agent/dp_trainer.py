@@ -12,7 +12,8 @@
    sample clipping, Poisson sampling, Gaussian noise; the FedProx term is kept), with a fresh
    engine per task: the spend is the ledger's, never an engine's;
 3. writes the round's accountant history to the ledger before the update leaves, and reports
-   the job's cumulative (epsilon, delta) with the update.
+   the job's cumulative (epsilon, delta) with the update. The training loss and accuracy
+   are not reported (they are computed from the private examples without noise).
 
 The noise of a job is fixed at its first round: ``noise_multiplier`` when the config gives
 one, else the noise that keeps every step the job could take (``rounds`` x local epochs x
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import secrets
 import time
 import warnings
@@ -233,14 +233,19 @@ class DpSgdTrainer:
             self.privacy.target_epsilon,
             self.lifetime_epsilon(),
         )
+        log.debug(
+            "round %d: last epoch's training loss %.4f, accuracy %.3f (kept in this log: "
+            "figures of the private examples without noise are not sent)",
+            task.round,
+            stats.loss,
+            stats.accuracy,
+        )
         return TrainingOutcome(
             weights=weights,
             num_examples=len(run.data),
-            # An epoch that Poisson sampling left without any example has no figures.
-            metrics={
-                "loss": stats.loss if math.isfinite(stats.loss) else 0.0,
-                "accuracy": stats.accuracy if math.isfinite(stats.accuracy) else 0.0,
-            },
+            # The loss and accuracy of the training batches are exact functions of the
+            # private examples: sent, they would leak beyond the DP guarantee.
+            metrics={},
             seconds=seconds,
             privacy=spend,
         )

@@ -62,7 +62,8 @@ class TrainingOutcome:
         weights: the trained state dict under the model's own names (those of
             ``global_weights``), as cpu tensors (see :func:`own_state_dict`).
         num_examples: the training examples, the update's FedAvg weight.
-        metrics: training figures; ``loss`` and ``accuracy`` at least.
+        metrics: training figures (``loss``, ``accuracy``); a DP trainer sends none (they
+            are exact functions of the private examples).
         seconds: the training time.
         privacy: the silo's cumulative privacy spend in the job, this update included, for
             a trainer with differential privacy; it travels in the update's header.

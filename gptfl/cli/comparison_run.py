@@ -14,13 +14,13 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from gptfl.admin_client import AdminClient
+from gptfl.admin_client import AdminClient, RoundView, StatusView
 from gptfl.cli.admin_cmd import follow
 from gptfl.comparison import MILESTONE_ROUNDS, THRESHOLDS, write_comparison
 from gptfl.errors import EXIT_FAILURE, EXIT_OK
@@ -38,6 +38,9 @@ class ComparisonPlan:
             (no synth service, no comparison).
         gptfl_step: what the GPT-FL job does, printed before it.
         settings: recorded in ``comparison.json`` as the run's settings.
+        thresholds: the accuracy levels whose first round the comparison reports.
+        privacy: the silos' ``privacy`` section when they train with DP-SGD: each silo's
+            epsilon is then kept per round and the comparison states the budget.
     """
 
     program: str
@@ -45,6 +48,8 @@ class ComparisonPlan:
     gptfl: Mapping[str, Any] | None
     gptfl_step: str
     settings: Mapping[str, Any]
+    thresholds: Sequence[float] = THRESHOLDS
+    privacy: Mapping[str, Any] | None = None
 
 
 def print_table(summary: Mapping[str, Any]) -> None:
@@ -82,16 +87,28 @@ def print_comparison(comparison: Mapping[str, Any]) -> None:
     print()
     planned = max(len(gptfl), len(scratch))
     marks = [r for r in MILESTONE_ROUNDS if r <= planned]
+    thresholds = comparison.get("thresholds", THRESHOLDS)
     header = "".join(f" | {'round ' + str(r):>9}" for r in marks)
-    header += "".join(f" | {'to ' + str(round(100 * level)) + '%':>6}" for level in THRESHOLDS)
+    header += "".join(f" | {'to ' + str(round(100 * level)) + '%':>6}" for level in thresholds)
     print(f"{'':>8}{header}")
     for name, key in (("GPT-FL", "gptfl"), ("scratch", "scratch")):
         curve = comparison[key]
         cells = "".join(f" | {_pct(curve[r - 1] if r <= len(curve) else None):>9}" for r in marks)
-        for level in THRESHOLDS:
+        for level in thresholds:
             reached = comparison["rounds_to"][key][f"{level:.2f}"]
             cells += f" | {'-' if reached is None else str(reached):>6}"
         print(f"{name:>8}{cells}")
+    privacy = comparison.get("privacy")
+    if privacy:
+        budget = privacy["budget"]
+        print(
+            f"\nDP-SGD at every silo: epsilon <= {budget.get('target_epsilon')} at delta "
+            f"{budget.get('target_delta')} per silo and job; each silo's epsilon at the end:"
+        )
+        final = privacy["final"]
+        for name, key in (("GPT-FL", "gptfl"), ("scratch", "scratch")):
+            spends = ", ".join(f"{silo} {eps:.3g}" for silo, eps in sorted(final[key].items()))
+            print(f"{name:>8}: {spends or '-'}")
 
 
 def _print_initial_model(summary: Mapping[str, Any]) -> None:
@@ -108,18 +125,35 @@ def _print_initial_model(summary: Mapping[str, Any]) -> None:
         print(f"==> the pretrain phase failed: {init['fallback'].get('reason')}")
 
 
-def _run_job(admin: AdminClient, spec: Mapping[str, Any], title: str) -> tuple[int, dict[str, Any]]:
+def _run_job(
+    admin: AdminClient,
+    spec: Mapping[str, Any],
+    title: str,
+    epsilons: list[dict[str, float]] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Submits ``spec`` and follows it to its end; each round's silo epsilons (as the status
+    shows them when the round closes) go to ``epsilons`` when given."""
     admin.status(wait_for_ready=True)
     job_id = admin.submit(yaml.safe_dump(dict(spec), sort_keys=False))
     print(f"==> {title}: submitted job {job_id}")
-    code = follow(admin)
+
+    def keep(_: RoundView, status: StatusView) -> None:
+        if epsilons is not None:
+            epsilons.append({p.silo_id: p.epsilon for p in status.privacy if p.accountant})
+
+    code = follow(admin, on_round=keep)
     summary = admin.status().summary
     if summary is None:
         raise ClusterError(f"job {job_id} produced no summary")
     return code, summary
 
 
-def _report(cluster: LocalCluster, plan: ComparisonPlan, summaries: list[dict[str, Any]]) -> None:
+def _report(
+    cluster: LocalCluster,
+    plan: ComparisonPlan,
+    summaries: list[dict[str, Any]],
+    epsilons: Mapping[str, list[dict[str, float]]],
+) -> None:
     runs_dir = cluster.runs_dir
     if plan.gptfl is None:
         summary = summaries[0]
@@ -136,7 +170,19 @@ def _report(cluster: LocalCluster, plan: ComparisonPlan, summaries: list[dict[st
         return
     gptfl_summary, scratch_summary = summaries
     out_dir = runs_dir / gptfl_summary["job_id"]
-    comparison = write_comparison(out_dir, gptfl_summary, scratch_summary, settings=plan.settings)
+    privacy = (
+        {"budget": dict(plan.privacy), "epsilon_by_round": dict(epsilons)}
+        if plan.privacy is not None
+        else None
+    )
+    comparison = write_comparison(
+        out_dir,
+        gptfl_summary,
+        scratch_summary,
+        settings=plan.settings,
+        thresholds=plan.thresholds,
+        privacy=privacy,
+    )
     print_comparison(comparison)
     print(f"\n==> comparison: {out_dir / 'comparison.md'} (and .json, .png)")
     print(f"==> GPT-FL:     {out_dir / 'report.md'}")
@@ -167,19 +213,24 @@ def run_comparison(cluster: LocalCluster, plan: ComparisonPlan, *, keep_work: bo
         cluster.start_silos()
         names = ", ".join(p.silo_id for p in cluster.silos)
         print(f"==> started {len(cluster.silos)} silo agents: {names}")
+        epsilons: dict[str, list[dict[str, float]]] = {"gptfl": [], "scratch": []}
         with cluster.admin() as admin:
             if plan.gptfl is not None:
                 print(f"==> 1/2 GPT-FL: {plan.gptfl_step}")
-                gptfl_code, gptfl_summary = _run_job(admin, plan.gptfl, "GPT-FL")
+                gptfl_code, gptfl_summary = _run_job(admin, plan.gptfl, "GPT-FL", epsilons["gptfl"])
                 _print_initial_model(gptfl_summary)
                 print("==> 2/2 FL from scratch: the same job from a random initialisation")
-                scratch_code, scratch_summary = _run_job(admin, plan.scratch, "scratch")
+                scratch_code, scratch_summary = _run_job(
+                    admin, plan.scratch, "scratch", epsilons["scratch"]
+                )
                 code = gptfl_code or scratch_code
                 summaries = [gptfl_summary, scratch_summary]
             else:
-                code, scratch_summary = _run_job(admin, plan.scratch, "FL from scratch")
+                code, scratch_summary = _run_job(
+                    admin, plan.scratch, "FL from scratch", epsilons["scratch"]
+                )
                 summaries = [scratch_summary]
-        _report(cluster, plan, summaries)
+        _report(cluster, plan, summaries, epsilons)
     except ClusterError as exc:
         print(f"{plan.program}: {exc}", file=sys.stderr)
         print(cluster.log_tail("coordinator"), file=sys.stderr)

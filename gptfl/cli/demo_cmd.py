@@ -10,6 +10,11 @@ with the same seeds, silos and partitions:
    out-of-domain setting) and pretrain ``cnn-small`` on them; FL starts from that model.
 2. **scratch**: the same FL job from a seeded random initialisation.
 
+With ``--dp`` every silo trains with DP-SGD under the same stated budget (``--epsilon``,
+``--delta``, ``--max-grad-norm``; docs/privacy.md) in both jobs, each round's line is followed
+by every silo's epsilon, and the comparison states the budget and reports the rounds to 80%
+and 90%.
+
 Progress is printed per round; at the end a comparison table, and
 ``runs/<gptfl job>/comparison.{json,md,png}`` next to each job's own ``report.md`` and
 ``summary.json`` (:mod:`gptfl.comparison`). ``--baseline-only`` runs only the scratch job (the
@@ -21,15 +26,26 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from gptfl.cli.comparison_run import ComparisonPlan, run_comparison
+from gptfl.comparison import THRESHOLDS
 from gptfl.local_cluster import LocalCluster, SiloPlan
 
 #: the synth service's name for its bundled digits generator
 DIGITS_GENERATOR = "digits"
 DIGIT_LABELS = [str(digit) for digit in range(10)]
+#: the demo's local training (both jobs)
+DEMO_LOCAL: dict[str, Any] = {"epochs": 1, "batch_size": 32, "learning_rate": 0.05}
+#: local training under DP-SGD (both jobs): see docs/benchmarks.md for how it was chosen
+DP_LOCAL: dict[str, Any] = {"epochs": 1, "batch_size": 32, "learning_rate": 0.05}
+#: the Dirichlet alpha without and with ``--dp``: at 0.1 the smallest silo of seed 0 holds 7
+#: training examples, fewer than a batch, and a DP silo refuses a batch larger than its data
+DEFAULT_ALPHA, DP_ALPHA = 0.1, 0.5
+#: the accuracy levels the DP comparison reports the first round of
+DP_THRESHOLDS = (0.80, 0.90)
 
 
 def register(subparsers: Any) -> None:
@@ -41,7 +57,10 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--silos", type=int, default=10, help="silo agents to start (default 10)")
     demo.add_argument("--rounds", type=int, default=30, help="FL rounds per job (default 30)")
     demo.add_argument(
-        "--alpha", type=float, default=0.1, help="Dirichlet alpha of the non-IID split (0.1)"
+        "--alpha",
+        type=float,
+        default=None,
+        help=f"Dirichlet alpha of the non-IID split ({DEFAULT_ALPHA}; {DP_ALPHA} with --dp)",
     )
     demo.add_argument("--strategy", default="fedavg", help="aggregation strategy (fedavg)")
     demo.add_argument(
@@ -68,11 +87,36 @@ def register(subparsers: Any) -> None:
         "--runs-dir", type=Path, default=Path("runs"), help="where reports go (default runs/)"
     )
     demo.add_argument("--keep-work", action="store_true", help="keep the PKI, configs and logs")
+    dp = demo.add_argument_group("differential privacy (docs/privacy.md)")
+    dp.add_argument(
+        "--dp",
+        action="store_true",
+        help="every silo trains with DP-SGD (Opacus) under the budget below, in both jobs",
+    )
+    dp.add_argument(
+        "--epsilon", type=float, default=8.0, help="each silo's epsilon per job (default 8)"
+    )
+    dp.add_argument("--delta", type=float, default=1e-5, help="the delta (default 1e-5)")
+    dp.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=1.0,
+        help="per-sample gradient clipping bound (default 1.0)",
+    )
+    dp.add_argument(
+        "--accountant", choices=["rdp", "prv"], default="rdp", help="privacy accountant (rdp)"
+    )
     demo.set_defaults(handler=run_demo)
 
 
 def digits_job_spec(
-    *, name: str, rounds: int, silos: int, strategy: str, seed: int
+    *,
+    name: str,
+    rounds: int,
+    silos: int,
+    strategy: str,
+    seed: int,
+    local: Mapping[str, Any] = DEMO_LOCAL,
 ) -> dict[str, Any]:
     """The FL job both demo runs share (the scratch run is exactly this)."""
     return {
@@ -83,7 +127,7 @@ def digits_job_spec(
         "min_silos": silos,
         "round_deadline_s": 120,
         "wait_for_silos_s": 120,
-        "local": {"epochs": 1, "batch_size": 32, "learning_rate": 0.05},
+        "local": dict(local),
         "strategy": {"name": strategy},
         "evaluation": {"server": {"kind": "sklearn-digits", "split": "test"}, "federated": True},
     }
@@ -122,10 +166,18 @@ def digits_pretrain_section(*, images_per_label: int, epochs: int) -> dict[str, 
 
 
 def digits_silos(
-    *, count: int, alpha: float, seed: int, stay_after_job: bool = False
+    *,
+    count: int,
+    alpha: float,
+    seed: int,
+    stay_after_job: bool = False,
+    privacy: Mapping[str, Any] | None = None,
 ) -> list[SiloPlan]:
-    """Silo ``i`` holds part ``i`` of a Dirichlet split of the digits' train split."""
-    extra = {"exit_after_job": False} if stay_after_job else {}
+    """Silo ``i`` holds part ``i`` of a Dirichlet split of the digits' train split; with
+    ``privacy`` (a silo config's ``privacy`` section) each trains with DP-SGD."""
+    extra: dict[str, Any] = {"exit_after_job": False} if stay_after_job else {}
+    if privacy is not None:
+        extra["privacy"] = dict(privacy)
     return [
         SiloPlan(
             f"silo-{i + 1}",
@@ -143,17 +195,44 @@ def digits_silos(
     ]
 
 
+def dp_section(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The silos' ``privacy`` section with ``--dp``; None without it."""
+    if not args.dp:
+        return None
+    return {
+        "target_epsilon": args.epsilon,
+        "target_delta": args.delta,
+        "max_grad_norm": args.max_grad_norm,
+        "accountant": args.accountant,
+    }
+
+
+def _local_words(local: Mapping[str, Any]) -> str:
+    return (
+        f"{local['epochs']} epoch, SGD lr {local['learning_rate']:g}, batch {local['batch_size']}"
+    )
+
+
 def run_demo(args: argparse.Namespace) -> int:
     runs_dir: Path = args.runs_dir.resolve()
     work = runs_dir / f".demo-work-{time.strftime('%Y%m%d-%H%M%S')}"
     compare = not args.baseline_only
-    plans = digits_silos(count=args.silos, alpha=args.alpha, seed=args.seed, stay_after_job=compare)
+    privacy = dp_section(args)
+    alpha = args.alpha if args.alpha is not None else DP_ALPHA if privacy else DEFAULT_ALPHA
+    local = DP_LOCAL if privacy else DEMO_LOCAL
+    plans = digits_silos(
+        count=args.silos, alpha=alpha, seed=args.seed, stay_after_job=compare, privacy=privacy
+    )
     common = {"rounds": args.rounds, "silos": args.silos, "strategy": args.strategy}
+    tag = "-dp" if privacy else ""
     scratch_spec = digits_job_spec(
-        name="digits-scratch" if compare else "digits-demo", seed=args.seed, **common
+        name=f"digits-scratch{tag}" if compare else f"digits-demo{tag}",
+        seed=args.seed,
+        local=local,
+        **common,
     )
     gptfl_spec = {
-        **digits_job_spec(name="digits-gptfl", seed=args.seed, **common),
+        **digits_job_spec(name=f"digits-gptfl{tag}", seed=args.seed, local=local, **common),
         "pretrain": digits_pretrain_section(
             images_per_label=args.images_per_label, epochs=args.pretrain_epochs
         ),
@@ -161,8 +240,24 @@ def run_demo(args: argparse.Namespace) -> int:
     what = "GPT-FL vs FL from scratch" if compare else "FL from a random initialisation"
     print(
         f"==> GPT-FL demo ({what}): {args.silos} silos, {args.rounds} rounds of "
-        f"{args.strategy}, Dirichlet alpha {args.alpha}, seed {args.seed}"
+        f"{args.strategy}, Dirichlet alpha {alpha:g}, seed {args.seed}"
     )
+    if privacy:
+        print(
+            f"==> DP-SGD at every silo: epsilon <= {args.epsilon:g} at delta {args.delta:g} per "
+            f"silo and job, per-sample gradients clipped to {args.max_grad_norm:g}, "
+            f"{args.accountant} accountant; each silo's ledger is in its state_dir"
+        )
+    settings: dict[str, Any] = {
+        "silos": args.silos,
+        "rounds": args.rounds,
+        "alpha": alpha,
+        "seed": args.seed,
+        "strategy": args.strategy,
+        "local": _local_words(local),
+        "images_per_label": args.images_per_label,
+        "pretrain_epochs": args.pretrain_epochs,
+    }
     plan = ComparisonPlan(
         program="gptfl demo",
         scratch=scratch_spec,
@@ -171,16 +266,9 @@ def run_demo(args: argparse.Namespace) -> int:
             f"generate {10 * args.images_per_label} synthetic digits, pretrain "
             f"{args.pretrain_epochs} epochs, then {args.rounds} FL rounds"
         ),
-        settings={
-            "silos": args.silos,
-            "rounds": args.rounds,
-            "alpha": args.alpha,
-            "seed": args.seed,
-            "strategy": args.strategy,
-            "local": "1 epoch, SGD lr 0.05, batch 32",
-            "images_per_label": args.images_per_label,
-            "pretrain_epochs": args.pretrain_epochs,
-        },
+        settings=settings,
+        thresholds=DP_THRESHOLDS if privacy else THRESHOLDS,
+        privacy=privacy,
     )
     cluster = LocalCluster(work, silos=plans, runs_dir=runs_dir, synth=compare)
     return run_comparison(cluster, plan, keep_work=args.keep_work)

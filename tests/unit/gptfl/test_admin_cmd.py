@@ -4,6 +4,7 @@ exit codes of refused calls, and one-line errors when the model cannot be writte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import grpc
 import pytest
 import torch
 
-from gptfl.admin_client import RoundView, StatusView
+from gptfl.admin_client import PrivacyView, RoundView, StatusView
 from gptfl.cli import admin_cmd
 from gptfl.cli.admin_cmd import follow
 from gptfl.cli.main import main
@@ -73,6 +74,30 @@ def test_progress_is_throttled_within_a_phase_and_the_last_line_shown() -> None:
     ]
     assert script.lines[3].startswith("round   1/2: test acc  50.00%")
     assert script.lines[-1] == "job job-1 finished: finished 2 rounds"
+
+
+def test_each_round_shows_every_silos_reported_epsilon() -> None:
+    spends = [
+        PrivacyView("silo-2", 2.345, 1e-5, "rdp", ""),
+        PrivacyView("silo-1", 1.2, 1e-5, "rdp", "reported epsilon fell from 2 to 1.2"),
+        PrivacyView("silo-3", 0.0, 0.0, "", ""),
+    ]
+    finished = dataclasses.replace(
+        _status("finished", "finished 1 rounds", rounds=1), privacy=spends
+    )
+    seen: list[tuple[int, list[str]]] = []
+    script = Script([finished])
+    code = follow(
+        script,  # type: ignore[arg-type]
+        interval_s=0,
+        out=script.lines.append,
+        on_round=lambda r, status: seen.append((r.round, [p.silo_id for p in status.privacy])),
+    )
+    assert code == EXIT_OK
+    assert script.lines[1] == (
+        "           epsilon silo-1 1.2 (!), silo-2 2.35, silo-3 no DP (delta 1e-05)"
+    )
+    assert seen == [(1, ["silo-2", "silo-1", "silo-3"])]
 
 
 def test_a_failed_job_exits_with_the_job_failed_code() -> None:

@@ -99,7 +99,8 @@ def test_a_round_trains_privately_and_reports_what_opacus_counts(
     # the model's own names, trained weights, the FedAvg weight of the whole data
     assert list(outcome.weights) == list(GLOBAL)
     assert not all(torch.equal(outcome.weights[k], GLOBAL[k]) for k in GLOBAL)
-    assert outcome.num_examples == N and set(outcome.metrics) == {"loss", "accuracy"}
+    assert outcome.num_examples == N
+    assert outcome.metrics == {}  # exact figures of the private batches are not sent
     job = trainer.ledger.job("job-1")
     assert job is not None and job.rounds == (1,) and job.history[0].steps == 10
     assert (tmp_path / LEDGER_FILE).exists()
