@@ -5,7 +5,8 @@ Opacus: plain SGD over the seeded shuffled loader, and DP-SGD through
 ``PrivacyEngine.make_private`` (Poisson batches of the same expected size, per-sample
 clipping, noise) in each of Opacus's per-sample gradient modes: ``hooks`` (module hooks, the
 default), ``ew`` (PyTorch's expanded weights) and ``functorch`` (``torch.func`` vmap). Each
-repeat builds everything afresh, as a silo does for each task, and times
+repeat builds everything afresh, as a silo does for each task (the modes take turns within
+a repeat), and times
 
 - the first epoch (``cold``: what a one-epoch task costs, engine set-up included) and
 - a second epoch on the same objects (``warm``: the steady cost of an epoch).
@@ -85,20 +86,27 @@ def _one_run(
 def measure(
     arch: str, examples: int, batch: int, repeats: int
 ) -> dict[str, dict[str, float | str]]:
+    """Every mode once per repeat, in turn, so that a change in the machine's load during the
+    bench falls on all of them alike."""
     data = _data(arch, examples)
+    runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
+    errors: dict[str, str] = {}
+    for seed in range(repeats):
+        for mode in MODES:
+            if mode in errors:
+                continue
+            try:
+                runs[mode].append(_one_run(arch, data, batch, mode, seed))
+            except Exception as exc:  # noqa: BLE001 - a mode that fails is reported, not fatal
+                errors[mode] = f"{type(exc).__name__}: {str(exc)[:200]}"
     results: dict[str, dict[str, float | str]] = {}
     for mode in MODES:
-        runs = []
-        for seed in range(repeats):
-            try:
-                runs.append(_one_run(arch, data, batch, mode, seed))
-            except Exception as exc:  # noqa: BLE001 - a mode that fails is reported, not fatal
-                results[mode] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-                break
-        if runs:
+        if mode in errors:
+            results[mode] = {"error": errors[mode]}
+        else:
             results[mode] = {
-                "cold_s": median(c for c, _ in runs),
-                "warm_s": median(w for _, w in runs),
+                "cold_s": median(c for c, _ in runs[mode]),
+                "warm_s": median(w for _, w in runs[mode]),
             }
         print(f"  {arch} batch {batch} {mode}: {results[mode]}", flush=True)
     plain = results["plain"]
