@@ -434,6 +434,7 @@ class JobRunner:
             federated_loss=fed_loss,
             federated_accuracy=fed_acc,
             federated_examples=fed_n,
+            silo_epsilon=dict(sorted(progress.epsilons.items())),
         )
         with self._lock:
             self.state.rounds.append(record)

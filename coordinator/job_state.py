@@ -60,6 +60,8 @@ class RoundRecord:
     federated_loss: float | None = None
     federated_accuracy: float | None = None
     federated_examples: int = 0
+    #: the cumulative sample-level DP epsilon each silo reported with its accepted update
+    silo_epsilon: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -29,16 +29,20 @@ class RoundProgress:
     number: int
     fold: RoundFold
     loss_sum: float = 0.0
+    #: the examples behind ``loss_sum`` (a DP silo reports no training loss)
+    loss_examples: int = 0
     slowest_train_s: float = 0.0
     rejected: int = 0
+    #: the cumulative DP epsilon each silo reported with its accepted update (DP silos only)
+    epsilons: dict[str, float] = field(default_factory=dict)
     #: evaluation reports by task id, taken by the evaluation stage once it ends
     evaluations: dict[str, EvaluationReport] = field(default_factory=dict)
 
     @property
     def train_loss(self) -> float:
-        """The sample-weighted training loss of the accepted updates (nan before any)."""
-        total = self.fold.total_examples
-        return self.loss_sum / total if total else math.nan
+        """The sample-weighted training loss of the accepted updates that reported one (nan
+        when none did)."""
+        return self.loss_sum / self.loss_examples if self.loss_examples else math.nan
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ were. The job thread (:mod:`coordinator.job_runner`) opens and closes rounds on 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -236,15 +235,17 @@ class UpdateIntake:
                 return False
             progress.fold.fold(weights, header)
             with self._lock:
-                progress.loss_sum += (
-                    header.train_metrics.get("loss", math.nan) * header.num_examples
-                )
+                if "loss" in header.train_metrics:  # a DP silo sends no training figures
+                    progress.loss_sum += header.train_metrics["loss"] * header.num_examples
+                    progress.loss_examples += header.num_examples
                 progress.slowest_train_s = max(progress.slowest_train_s, header.train_seconds)
                 summary = self._state.silos.setdefault(task.silo_id, SiloSummary())
                 summary.rounds_participated += 1
                 summary.examples += header.num_examples
                 summary.last_round = task.round
                 record_spend(summary, header.privacy)
+                if header.privacy is not None:
+                    progress.epsilons[task.silo_id] = header.privacy.epsilon
             if header.privacy is not None:
                 self._metrics.silo_privacy_epsilon.labels(silo=task.silo_id).set(
                     header.privacy.epsilon

@@ -48,6 +48,12 @@ def rounds_to_reach(accuracies: Sequence[float | None], level: float) -> int | N
     return None
 
 
+def epsilons_by_round(summary: Mapping[str, Any]) -> list[dict[str, float]]:
+    """Each round's ``{silo: epsilon}``: the cumulative DP epsilon each silo reported with
+    its accepted update of that round (``silo_epsilon`` in summary.json)."""
+    return [dict(r.get("silo_epsilon") or {}) for r in summary.get("rounds", [])]
+
+
 def final_epsilons(summary: Mapping[str, Any]) -> dict[str, float]:
     """Each silo's last reported sample-level DP epsilon in a job (silos without DP left out)."""
     spends: dict[str, float] = {}
@@ -74,8 +80,9 @@ def build_comparison(
         settings: the federation both ran on, for the record.
         thresholds: the accuracy levels whose first round is reported.
         privacy: with DP-SGD at the silos: ``budget`` (the silos' ``privacy`` settings) and
-            ``epsilon_by_round`` (per job, each round's ``{silo: epsilon}``); the record adds
-            each silo's final epsilon per job from the summaries.
+            ``epsilon_by_round`` (per job, each round's ``{silo: epsilon}``,
+            :func:`epsilons_by_round`); the record adds each silo's final epsilon per job
+            from the summaries.
     """
     curves = {"gptfl": accuracy_curve(gptfl), "scratch": accuracy_curve(scratch)}
     init = gptfl.get("initialisation", {})
@@ -186,7 +193,7 @@ def render_markdown(comparison: Mapping[str, Any], *, plot_name: str | None) -> 
         "model on the held-out test split, which no silo trains on.",
         "",
         "| round | GPT-FL | scratch | difference (points) |"
-        + (" largest silo epsilon, GPT-FL | scratch |" if privacy else ""),
+        + (" largest silo epsilon, GPT-FL | largest silo epsilon, scratch |" if privacy else ""),
         "|---:|---:|---:|---:|" + ("---:|---:|" if privacy else ""),
         f"| 0 | {_pct(comparison['synthetic_only_accuracy'])} | "
         f"{_pct(comparison['scratch_initial_accuracy'])} | |" + (" 0 | 0 |" if privacy else ""),
@@ -212,7 +219,7 @@ def _largest(rounds: Sequence[Mapping[str, float]], index: int) -> float | None:
 
 
 def _eps(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}"
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _budget_line(privacy: Mapping[str, Any]) -> str:
@@ -276,7 +283,7 @@ def plot_comparison(comparison: Mapping[str, Any], path: Path) -> bool:
             ax.plot(xs, ys, marker="o", markersize=3, label=label)
             plotted = True
     if plotted:
-        for level in THRESHOLDS:
+        for level in comparison.get("thresholds", THRESHOLDS):
             ax.axhline(level, color="grey", linewidth=0.8, linestyle=":")
         ax.set_xlabel("round (0 = initial model)")
         ax.set_ylabel("test accuracy")

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from gptfl.admin_client import AdminClient, PrivacyView, RoundView, StatusView
+from gptfl.admin_client import AdminClient, PrivacyView, StatusView
 from gptfl.cli.exit_codes import report_rpc_error
 from gptfl.errors import EXIT_FAILURE, EXIT_JOB_FAILED, EXIT_OK
 from gptfl.job_spec import read_job_spec
@@ -184,21 +184,20 @@ def follow(
     interval_s: float = 0.5,
     progress_interval_s: float = 5.0,
     out: Callable[[str], None] = print,
-    on_round: Callable[[RoundView, StatusView], None] | None = None,
 ) -> int:
     """Prints a line per finished round until the job ends; returns an exit code.
 
     Before round 1 (the pretrain phase, waiting for silos) the status line is printed when
     it changes, at most every ``progress_interval_s`` within a phase; the last line of a
     phase is always printed. When silos report a DP spend, each round's line is followed by
-    one with every silo's cumulative epsilon as the status shows it then.
+    one with every silo's cumulative epsilon as the status shows it then (a silo's update of
+    the next round may already be in; ``summary.json`` keeps each round's own).
 
     Args:
         client: the admin client.
         interval_s: the pause between two status calls.
         progress_interval_s: the least time between two progress lines of a phase.
         out: where lines go.
-        on_round: called with each finished round and the status it was seen in.
     """
     printed = 0
     progress = _ProgressLines(out, progress_interval_s)
@@ -214,8 +213,6 @@ def follow(
             )
             if status.privacy:
                 out(f"{'':>11}{epsilon_line(status.privacy)}")
-            if on_round is not None:
-                on_round(r, status)
         printed = len(status.rounds)
         if not status.rounds and not status.ended:
             progress.update(status.phase, status.message)
@@ -228,11 +225,11 @@ def follow(
 
 
 def epsilon_line(privacy: Sequence[PrivacyView]) -> str:
-    """``epsilon silo-1 1.23, silo-2 1.31 (delta 1e-05)``: each silo's reported DP spend."""
+    """``epsilon silo-1 1.234, silo-2 1.31 (delta 1e-05)``: each silo's reported DP spend."""
     spends = sorted(privacy, key=lambda p: p.silo_id)
     deltas = sorted({p.delta for p in spends if p.accountant})
     cells = ", ".join(
-        f"{p.silo_id} {f'{p.epsilon:.3g}' if p.accountant else 'no DP'}{' (!)' if p.flag else ''}"
+        f"{p.silo_id} {f'{p.epsilon:.4g}' if p.accountant else 'no DP'}{' (!)' if p.flag else ''}"
         for p in spends
     )
     return f"epsilon {cells} (delta {', '.join(f'{d:g}' for d in deltas) or '-'})"

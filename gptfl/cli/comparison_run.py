@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from gptfl.admin_client import AdminClient, RoundView, StatusView
+from gptfl.admin_client import AdminClient
 from gptfl.cli.admin_cmd import follow
-from gptfl.comparison import MILESTONE_ROUNDS, THRESHOLDS, write_comparison
+from gptfl.comparison import MILESTONE_ROUNDS, THRESHOLDS, epsilons_by_round, write_comparison
 from gptfl.errors import EXIT_FAILURE, EXIT_OK
 from gptfl.local_cluster import ClusterError, LocalCluster
 
@@ -107,7 +107,7 @@ def print_comparison(comparison: Mapping[str, Any]) -> None:
         )
         final = privacy["final"]
         for name, key in (("GPT-FL", "gptfl"), ("scratch", "scratch")):
-            spends = ", ".join(f"{silo} {eps:.3g}" for silo, eps in sorted(final[key].items()))
+            spends = ", ".join(f"{silo} {eps:.4g}" for silo, eps in sorted(final[key].items()))
             print(f"{name:>8}: {spends or '-'}")
 
 
@@ -125,35 +125,18 @@ def _print_initial_model(summary: Mapping[str, Any]) -> None:
         print(f"==> the pretrain phase failed: {init['fallback'].get('reason')}")
 
 
-def _run_job(
-    admin: AdminClient,
-    spec: Mapping[str, Any],
-    title: str,
-    epsilons: list[dict[str, float]] | None = None,
-) -> tuple[int, dict[str, Any]]:
-    """Submits ``spec`` and follows it to its end; each round's silo epsilons (as the status
-    shows them when the round closes) go to ``epsilons`` when given."""
+def _run_job(admin: AdminClient, spec: Mapping[str, Any], title: str) -> tuple[int, dict[str, Any]]:
     admin.status(wait_for_ready=True)
     job_id = admin.submit(yaml.safe_dump(dict(spec), sort_keys=False))
     print(f"==> {title}: submitted job {job_id}")
-
-    def keep(_: RoundView, status: StatusView) -> None:
-        if epsilons is not None:
-            epsilons.append({p.silo_id: p.epsilon for p in status.privacy if p.accountant})
-
-    code = follow(admin, on_round=keep)
+    code = follow(admin)
     summary = admin.status().summary
     if summary is None:
         raise ClusterError(f"job {job_id} produced no summary")
     return code, summary
 
 
-def _report(
-    cluster: LocalCluster,
-    plan: ComparisonPlan,
-    summaries: list[dict[str, Any]],
-    epsilons: Mapping[str, list[dict[str, float]]],
-) -> None:
+def _report(cluster: LocalCluster, plan: ComparisonPlan, summaries: list[dict[str, Any]]) -> None:
     runs_dir = cluster.runs_dir
     if plan.gptfl is None:
         summary = summaries[0]
@@ -171,7 +154,13 @@ def _report(
     gptfl_summary, scratch_summary = summaries
     out_dir = runs_dir / gptfl_summary["job_id"]
     privacy = (
-        {"budget": dict(plan.privacy), "epsilon_by_round": dict(epsilons)}
+        {
+            "budget": dict(plan.privacy),
+            "epsilon_by_round": {
+                "gptfl": epsilons_by_round(gptfl_summary),
+                "scratch": epsilons_by_round(scratch_summary),
+            },
+        }
         if plan.privacy is not None
         else None
     )
@@ -213,24 +202,19 @@ def run_comparison(cluster: LocalCluster, plan: ComparisonPlan, *, keep_work: bo
         cluster.start_silos()
         names = ", ".join(p.silo_id for p in cluster.silos)
         print(f"==> started {len(cluster.silos)} silo agents: {names}")
-        epsilons: dict[str, list[dict[str, float]]] = {"gptfl": [], "scratch": []}
         with cluster.admin() as admin:
             if plan.gptfl is not None:
                 print(f"==> 1/2 GPT-FL: {plan.gptfl_step}")
-                gptfl_code, gptfl_summary = _run_job(admin, plan.gptfl, "GPT-FL", epsilons["gptfl"])
+                gptfl_code, gptfl_summary = _run_job(admin, plan.gptfl, "GPT-FL")
                 _print_initial_model(gptfl_summary)
                 print("==> 2/2 FL from scratch: the same job from a random initialisation")
-                scratch_code, scratch_summary = _run_job(
-                    admin, plan.scratch, "scratch", epsilons["scratch"]
-                )
+                scratch_code, scratch_summary = _run_job(admin, plan.scratch, "scratch")
                 code = gptfl_code or scratch_code
                 summaries = [gptfl_summary, scratch_summary]
             else:
-                code, scratch_summary = _run_job(
-                    admin, plan.scratch, "FL from scratch", epsilons["scratch"]
-                )
+                code, scratch_summary = _run_job(admin, plan.scratch, "FL from scratch")
                 summaries = [scratch_summary]
-        _report(cluster, plan, summaries, epsilons)
+        _report(cluster, plan, summaries)
     except ClusterError as exc:
         print(f"{plan.program}: {exc}", file=sys.stderr)
         print(cluster.log_tail("coordinator"), file=sys.stderr)

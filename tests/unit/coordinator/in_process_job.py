@@ -98,11 +98,14 @@ class InProcessJob:
         weights: WeightMap,
         n: int,
         *,
-        loss: float = 1.0,
+        loss: float | None = 1.0,
         privacy: PrivacySpend | None = None,
     ) -> None:
+        """Uploads ``weights`` for ``task``; ``loss`` None sends no training figures (as a
+        silo with DP-SGD does)."""
         manifest = build_manifest(weights)
-        header = UpdateHeader(task.task_id, task.round, n, {"loss": loss}, 0.01, privacy)
+        figures = {"loss": loss} if loss is not None else {}
+        header = UpdateHeader(task.task_id, task.round, n, figures, 0.01, privacy)
         runner.intake.receive_update(silo, header, manifest, iter_chunks(weights, manifest))
 
     def rejected(self, reason: str) -> float:

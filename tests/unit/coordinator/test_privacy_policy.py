@@ -55,6 +55,22 @@ def test_spend_is_recorded_per_silo_in_state_summary_and_metrics(job: InProcessJ
     assert gauge == 2.5
 
 
+def test_each_round_keeps_the_epsilon_each_silo_reported_with_it(job: InProcessJob) -> None:
+    """A DP silo sends no training loss: the round's loss is the others' alone."""
+    runner = job.start(tiny_spec())
+    tasks = {silo: job.pull(runner, silo, TaskKind.TRAIN) for silo in ("a", "b", "c")}
+    base = job.download(runner, "a", tasks["a"])
+    job.upload(runner, "a", tasks["a"], base, 10, loss=None, privacy=_spend(1.5))
+    job.upload(runner, "b", tasks["b"], base, 30, loss=None, privacy=_spend(2.5))
+    job.upload(runner, "c", tasks["c"], base, 20, loss=2.0)
+    runner.join(WAIT_S)
+    (record,) = runner.state.rounds
+    assert record.silo_epsilon == {"a": 1.5, "b": 2.5}
+    assert record.train_loss == 2.0
+    summary = json.loads((job.tmp / "runs" / runner.job_id / "summary.json").read_text())
+    assert summary["rounds"][0]["silo_epsilon"] == {"a": 1.5, "b": 2.5}
+
+
 @pytest.mark.parametrize(
     ("spend", "message"),
     [

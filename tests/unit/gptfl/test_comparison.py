@@ -106,5 +106,6 @@ def test_a_dp_comparison_states_the_budget_and_each_silos_epsilon(tmp_path: Path
     assert "| | round 1 | rounds to 80% | rounds to 90% |" in report
     assert "| scratch | 20.00% | not within 3 | not within 3 |" in report
     assert "| 2 | 86.00% | 50.00% | +36.00 | 6.2 | 6.1 |" in report
+    assert "| difference (points) | largest silo epsilon, GPT-FL | largest silo epsilon, " in report
     assert "| silo-2 | 7.98 | 7.99 |" in report and "silo-3" not in report
     assert (tmp_path / "comparison.png").read_bytes()[:8] == PNG_MAGIC
