@@ -110,9 +110,10 @@ class SiloAgent:
         return 0
 
     def _register(self, client: FleetClient) -> fleet_pb2.RegisterReply:
-        """Tells the coordinator who we are and how much data we hold (known once loaded)."""
+        """Tells the coordinator who we are and how much data we hold (counted at start, so
+        the coordinator can bound our first update's claim)."""
         self._counts_changed = False  # the counts sent now are the current ones
-        num_train, num_eval = self.data.counts()
+        num_train, num_eval = self.data.registered_counts
         return client.register(
             agent_version=__version__,
             device=str(self.device),

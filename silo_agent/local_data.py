@@ -10,7 +10,7 @@ import numpy as np
 
 from gptfl.data.dataset import ArrayDataset
 from gptfl.data.partition import split_fraction
-from gptfl.data.sources import check_source, load_source
+from gptfl.data.sources import check_source, count_examples, load_source
 from gptfl.errors import ConfigError, GptflError, ValidationError
 from gptfl.models.spec import ModelSpec
 from silo_agent.config import DataConfig
@@ -34,16 +34,31 @@ class LocalData:
         Raises:
             ConfigError: a source is missing or unusable, naming its key.
         """
+        counts: dict[str, int] = {}
         for key, source in (("data.train", config.train), ("data.eval", config.eval)):
             if source is None:
                 continue
             try:
                 check_source(source)
+                counts[key] = count_examples(source)
             except GptflError as exc:
                 raise ConfigError(f"{key}: {exc}") from None
         self._config = config
         self._cache: dict[tuple[int, int], LocalSplits] = {}
         self._lock = threading.Lock()
+        total = counts["data.train"]
+        if config.eval is not None:
+            self._registered = (total, counts["data.eval"])
+        else:
+            held = round(config.eval_fraction * total)  # as split_fraction holds out
+            self._registered = (total - held, held)
+
+    @property
+    def registered_counts(self) -> tuple[int, int]:
+        """(training, evaluation) examples every task will use, counted at start without
+        reading an image: what the silo registers, so the coordinator knows them before the
+        first update (an update may not claim more than its silo registered)."""
+        return self._registered
 
     def counts(self) -> tuple[int, int]:
         """(training, evaluation) examples of the data loaded last; (0, 0) before any task."""

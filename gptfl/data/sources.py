@@ -145,9 +145,28 @@ def _read_sklearn_digits(source: SklearnDigitsSource) -> tuple[np.ndarray, np.nd
     return images[train], labels[train]
 
 
-def _read_image_folder(
-    source: ImageFolderSource, *, in_channels: int, image_size: int, mode: ResizeMode
-) -> ArrayDataset:
+def count_examples(source: DataSource) -> int:
+    """How many examples :func:`load_source` gives for ``source``, without decoding an image
+    (a silo registers its counts before any task says which input shape to load).
+
+    Raises:
+        ConfigError: as :func:`load_source` for a missing path or a bad folder layout.
+        ValidationError: an ``.npz`` that cannot be read.
+    """
+    if isinstance(source, ImageFolderSource):
+        return sum(len(files) for files in _class_files(source))
+    if isinstance(source, NpzSource):
+        with _open_npz(source.path) as archive:
+            try:
+                labels = archive["y"]  # load_source refuses a y of another length than x
+            except (OSError, ValueError, zipfile.BadZipFile) as exc:
+                raise ValidationError(f"cannot read npz file {source.path}: {exc}") from None
+        return int(labels.shape[0]) if labels.ndim else 0
+    return int(_read_sklearn_digits(source)[1].shape[0])
+
+
+def _class_files(source: ImageFolderSource) -> list[list[Path]]:
+    """The image files of each class of an image folder, in label order."""
     root = source.path
     _check_image_folder(root)
     present = sorted(child.name for child in root.iterdir() if child.is_dir())
@@ -164,15 +183,25 @@ def _read_image_folder(
             raise ConfigError(
                 f"image folder {root} has no sub-folder for class(es) {', '.join(missing)}"
             )
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    for label, name in enumerate(class_names):
+    per_class: list[list[Path]] = []
+    for name in class_names:
         folder = root / name
         files = sorted(
             f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
         )
         if not files:
             raise ConfigError(f"class folder {folder} has no PNG or JPEG images")
+        per_class.append(files)
+    return per_class
+
+
+def _read_image_folder(
+    source: ImageFolderSource, *, in_channels: int, image_size: int, mode: ResizeMode
+) -> ArrayDataset:
+    per_class = _class_files(source)
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for label, files in enumerate(per_class):
         for file in files:
             images.append(_read_image(file))
             labels.append(label)
@@ -185,7 +214,7 @@ def _read_image_folder(
         x[positions] = fit_to_shape(
             group, in_channels=in_channels, image_size=image_size, mode=mode
         )
-    logger.info("loaded %d images in %d classes from %s", len(labels), len(class_names), root)
+    logger.info("loaded %d images in %d classes from %s", len(labels), len(per_class), source.path)
     return ArrayDataset(x=x, y=np.asarray(labels, dtype=np.int64))
 
 

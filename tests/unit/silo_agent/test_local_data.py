@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gptfl.errors import ConfigError
+from gptfl.models.spec import ModelSpec
 from silo_agent.config import DataConfig
 from silo_agent.local_data import LocalData
 
@@ -44,3 +45,35 @@ def test_good_data_is_not_read_yet(tmp_path: Path) -> None:
     npz = tmp_path / "train.npz"
     np.savez(npz, x=np.zeros((2, 8, 8), np.float32), y=np.zeros(2, np.int64))
     assert LocalData(_data(train={"kind": "npz", "path": npz})).counts() == (0, 0)
+
+
+def _image_folder(root: Path, per_class: dict[str, int]) -> Path:
+    from PIL import Image
+
+    for name, count in per_class.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("L", (5 + i, 6)).save(root / name / f"{i}.png")
+        (root / name / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.mark.parametrize("case", ["npz-held-out", "npz-all", "folder-and-npz", "digits"])
+def test_the_registered_counts_are_the_counts_a_task_trains_on(tmp_path: Path, case: str) -> None:
+    npz = tmp_path / "data.npz"
+    np.savez(npz, x=np.zeros((11, 8, 8), np.float32), y=np.zeros(11, np.int64))
+    folder = _image_folder(tmp_path / "images", {"cat": 3, "dog": 4})
+    sections: dict[str, dict[str, object]] = {
+        "npz-held-out": {"train": {"kind": "npz", "path": npz}, "eval_fraction": 0.25},
+        "npz-all": {"train": {"kind": "npz", "path": npz}, "eval_fraction": 0.0},
+        "folder-and-npz": {
+            "train": {"kind": "imagefolder", "path": folder},
+            "eval": {"kind": "npz", "path": npz},
+        },
+        "digits": {"train": {"kind": "sklearn-digits", "partition": {"index": 1, "count": 3}}},
+    }
+    data = LocalData(_data(**sections[case]))
+    registered = data.registered_counts  # counted before any image is read
+    assert registered[0] > 0
+    data.for_model(ModelSpec(arch="cnn-small", num_classes=10, in_channels=1, image_size=8))
+    assert data.counts() == registered
