@@ -74,6 +74,19 @@ STAY_INITIAL: dict[str, str] = {
         "no update is rejected in a clean run; the series of every reason exist at 0 from the "
         "start so rates and the rejection alert have data"
     ),
+    "gptfl_tasks_declined": (
+        "no silo declines a task in a clean run; the series of every decline kind exist at 0"
+    ),
+    "gptfl_silo_privacy_epsilon": (
+        "set only for silos that train with DP-SGD; this job's silos do not "
+        "(tests/integration/test_dp_job.py covers it)"
+    ),
+    "gptfl_job_privacy_epsilon": (
+        "set only for a job with silo_level_dp; this job has none (unit-tested in "
+        "tests/unit/coordinator/test_silo_level_dp.py)"
+    ),
+    "gptfl_updates_clipped": "a clean job has no update_bounds, so no update is clipped",
+    "gptfl_rounds_failed": "no round of a clean job makes a non-finite model",
 }
 
 # The same for the synth service's families.
