@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
+import numpy as np
 import torch
 
 from gptfl.errors import ValidationError, WeightRangeError
@@ -42,8 +43,23 @@ HEADROOM_BITS = 20
 #: every accumulator stays within 2^SUM_BITS; the two bits up to int64's limit hold the
 #: rounding terms
 SUM_BITS = 61
-#: values converted per step: bounds the float64 and int64 temporaries to 2 MiB each
-BLOCK = 1 << 18
+#: values converted per step: 512 KiB float64 and int64 temporaries, which stay in cache.
+#: The steps run in numpy, one thread: as torch operations on blocks this size each
+#: synchronised the intra-op thread pool, several times slower on a loaded machine.
+BLOCK = 1 << 16
+
+
+def _blocks(tensor: torch.Tensor) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first index, values)`` over a tensor's values, :data:`BLOCK` at a time, as numpy
+    arrays (views where numpy has the dtype; float16 and bfloat16 blocks are converted)."""
+    flat = tensor.detach().reshape(-1)
+    direct = flat.dtype in (torch.float32, torch.float64, torch.int64)
+    whole = flat.numpy() if direct else None
+    for start in range(0, flat.numel(), BLOCK):
+        if whole is not None:
+            yield start, whole[start : start + BLOCK]
+        else:
+            yield start, flat[start : start + BLOCK].to(torch.float32).numpy()
 
 
 def _range_exponent(tensor: torch.Tensor) -> int:
@@ -74,9 +90,10 @@ class ExactSum:
         self._exponents = {
             name: _range_exponent(t) for name, t in template.items() if t.is_floating_point()
         }
-        self._sums = {
-            name: torch.zeros(template[name].shape, dtype=torch.int64) for name in self._exponents
-        }
+        self._shapes = {name: template[name].shape for name in self._exponents}
+        # allocated at the first update, not when the round opens: the round's memory is
+        # then not raised while its silos train (or the last round's checkpoint is written)
+        self._sums: dict[str, torch.Tensor] = {}
         self._total_examples = 0
         self._count = 0
         self._finished = False
@@ -130,15 +147,24 @@ class ExactSum:
                     f"an update of weight {weight} would take the round's total to "
                     f"{self._total_examples + weight}, above its bound {self._max_total}"
                 )
+            if not self._sums:
+                self._sums = {
+                    name: torch.zeros(shape, dtype=torch.int64)
+                    for name, shape in self._shapes.items()
+                }
             fraction = weight / self._max_total  # rounded once: the same for every order
+            scaled = np.empty(BLOCK, dtype=np.float64)
+            rounded = np.empty(BLOCK, dtype=np.int64)
             for name, acc in self._sums.items():
                 factor = math.ldexp(fraction, SUM_BITS - self._exponents[name])
-                source = weights[name].reshape(-1)
-                target = acc.view(-1)
-                for start in range(0, source.numel(), BLOCK):
-                    part = source[start : start + BLOCK].to(torch.float64, copy=True)
-                    part.mul_(factor).round_()
-                    target[start : start + BLOCK].add_(part.to(torch.int64))
+                target = acc.view(-1).numpy()
+                for start, part in _blocks(weights[name]):
+                    values, whole = scaled[: part.size], rounded[: part.size]
+                    np.multiply(part, factor, out=values, dtype=np.float64)
+                    np.rint(values, out=values)
+                    np.copyto(whole, values, casting="unsafe")  # exact: an integer < 2^62
+                    block = target[start : start + part.size]
+                    np.add(block, whole, out=block)
             self._total_examples += weight
             self._count += 1
 
@@ -152,15 +178,17 @@ class ExactSum:
             self._finished = True
             ratio = self._max_total / self._total_examples
             mean: WeightMap = {}
+            scaled = np.empty(BLOCK, dtype=np.float64)
             for name in list(self._sums):
                 acc = self._sums.pop(name)
                 factor = math.ldexp(ratio, self._exponents[name] - SUM_BITS)
                 result = torch.empty(acc.shape, dtype=torch.float32)
-                source, target = acc.view(-1), result.view(-1)
-                for start in range(0, source.numel(), BLOCK):
-                    part = source[start : start + BLOCK].to(torch.float64)
-                    target[start : start + BLOCK].copy_(part.mul_(factor))
-                del acc, source
+                target = result.view(-1).numpy()
+                for start, part in _blocks(acc):
+                    values = scaled[: part.size]
+                    np.multiply(part, factor, out=values, dtype=np.float64)
+                    np.copyto(target[start : start + part.size], values, casting="same_kind")
+                del acc
                 mean[name] = result
             return mean
 

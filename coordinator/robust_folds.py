@@ -41,8 +41,9 @@ from gptfl.weights import TensorSpec, WeightMap
 
 #: values per sorting step at the close (a block of columns times the number of updates)
 SORT_VALUES = 1 << 20
-#: values per step of a pairwise distance
-DISTANCE_BLOCK = 1 << 18
+#: values per step of a pairwise distance (at most torch's 32768-value grain: each step
+#: runs on the calling thread)
+DISTANCE_BLOCK = 1 << 15
 
 Update = tuple[dict[str, torch.Tensor], int]
 #: reduces an ascending ``[count, columns]`` block of values to one value per column

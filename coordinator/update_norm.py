@@ -31,8 +31,9 @@ from gptfl.weights import Manifest, TensorInfo, torch_dtype
 #: values per partial sum of squares: fixed, so the norm does not depend on how the payload
 #: was cut into chunks, and small enough to be summed by one thread
 NORM_BLOCK = 1 << 14
-#: values rescaled per step when an update is clipped
-CLIP_BLOCK = 1 << 18
+#: values rescaled per step when an update is clipped (like NORM_BLOCK, at most torch's
+#: 32768-value grain: each step runs on the calling thread, with no thread-pool handoff)
+CLIP_BLOCK = 1 << 15
 
 
 class StreamingDistance:

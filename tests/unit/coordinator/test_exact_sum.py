@@ -181,7 +181,20 @@ def test_tensors_larger_than_a_block_are_summed_whole() -> None:
 
 def test_the_accumulator_is_two_model_copies_of_int64() -> None:
     template = _template()
-    total = ExactSum(template, max_total_weight=1)
+    total = ExactSum(template, max_total_weight=3)
+    assert not total._sums  # nothing held while the round's silos train
     model_bytes = sum(t.numel() * t.element_size() for t in template.values())
-    accumulator = sum(t.numel() * t.element_size() for t in total._sums.values())
-    assert accumulator == 2 * model_bytes  # int64 against float32: 2x, not N copies
+    for seed in range(3):
+        total.add(_update(seed), 1)
+        accumulator = sum(t.numel() * t.element_size() for t in total._sums.values())
+        assert accumulator == 2 * model_bytes  # int64 against float32: 2x, not N copies
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_half_and_double_precision_models_are_summed_too(dtype: torch.dtype) -> None:
+    template = {"w": torch.zeros(5, dtype=dtype)}
+    a = {"w": torch.tensor([0.5, -1.0, 2.0, 0.0, 3.25], dtype=dtype)}
+    b = {"w": torch.tensor([1.5, 1.0, -2.0, 0.125, 0.75], dtype=dtype)}
+    mean = _exact_mean([(a, 3), (b, 1)], template)["w"]
+    expected = (3 * a["w"].double() + b["w"].double()) / 4
+    torch.testing.assert_close(mean.double(), expected, rtol=0, atol=1e-7)
