@@ -112,7 +112,7 @@ def silos_main(pki_dir: Path, address: str, count: int, model_mb: float) -> int:
         )
         with grpc.secure_channel(address, credentials) as channel:
             client = FleetClient(channel)
-            client.register(agent_version="bench", device="cpu", num_train=1, num_eval=0)
+            client.register(agent_version="bench", device="cpu", num_train=1 + index, num_eval=0)
             deadline = time.monotonic() + 300
             while (task := client.pull_task(5.0).task) is None:
                 if time.monotonic() > deadline:

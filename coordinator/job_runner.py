@@ -4,7 +4,9 @@ The runner owns the global model and the job thread. Each round it asks the roun
 for a plan (:mod:`coordinator.round_plan`), opens the plan's fold to the update intake
 (:mod:`coordinator.update_intake`, which servicers call from gRPC threads), lets the plan
 run its stages (:mod:`coordinator.round_stages`), hands the fold's average to the strategy,
-then runs the evaluation stage, checkpoints and exports metrics.
+then runs the evaluation stage, checkpoints and exports metrics. A new global model that is
+not finite is never applied: the round is recorded as failed, the model and the strategy's
+state stay as they were, and the job goes on while ``max_failed_rounds`` allows.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from coordinator.checkpoint import Checkpoint, save_checkpoint
+from coordinator.claims import RoundClaims, pin_counts
 from coordinator.evaluation import ServerEvaluator
 from coordinator.inflight_uploads import InFlightUploads
 from coordinator.job_state import (
@@ -35,12 +40,14 @@ from coordinator.job_state import (
 from coordinator.job_strategy import strategy_for_job
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.report import export_job
+from coordinator.round_fold import RoundFold
 from coordinator.round_plan import RoundPlanner, RoundProgress, RoundSetup, plain_round
 from coordinator.round_stages import Stage, StageResult, StageRunner
 from coordinator.silo_registry import SiloRegistry
 from coordinator.strategies import Strategy
 from coordinator.tasks import ModelVersion, TaskBoard, TaskRecord
 from coordinator.update_intake import UpdateIntake
+from coordinator.update_norm import bound_for_round
 from coordinator.upload_slots import UploadSlots
 from gptfl import atomic_io
 from gptfl.errors import GptflError
@@ -51,6 +58,22 @@ from gptfl.weights import WeightMap
 log = logging.getLogger(__name__)
 
 InitialModel = Callable[["JobRunner"], tuple[WeightMap, dict[str, Any]]]
+
+
+#: values checked per step for finiteness (bounds the boolean temporary)
+_FINITE_BLOCK = 1 << 20
+
+
+def _first_non_finite(weights: WeightMap) -> str | None:
+    """The first floating-point tensor holding NaN or infinity, or None."""
+    for name, tensor in weights.items():
+        if not tensor.is_floating_point():
+            continue
+        values = tensor.reshape(-1)
+        for start in range(0, values.numel(), _FINITE_BLOCK):
+            if not bool(torch.isfinite(values[start : start + _FINITE_BLOCK]).all()):
+                return name
+    return None
 
 
 class JobFailed(Exception):
@@ -127,6 +150,7 @@ class JobRunner:
             upload_slots=self._upload_slots,
             in_flight=in_flight,
             require_dp=spec.require_dp,
+            max_task_rejections=spec.max_task_rejections,
         )
         self._stages = StageRunner(
             board=board,
@@ -355,15 +379,23 @@ class JobRunner:
             return
         selected = self._select(number, connected)
         assert self._global is not None
+        records = self._registry.records(selected)
+        with self._lock:
+            claims = RoundClaims.of(
+                pin_counts(self.state.silos, records),
+                max_weight_fraction=self.spec.max_weight_fraction,
+            )
+            norm_bound = bound_for_round(self.spec.update_bounds, self.state.rounds)
         setup = RoundSetup(
             number=number,
             silos=tuple(selected),
             connected=len(connected),
             global_model=self._global,
             deadline_s=self.spec.round_deadline_s,
+            claims=claims,
         )
         plan = self._plan_round(setup, self._strategy.round_fold(setup))
-        progress = RoundProgress(number, plan.fold)
+        progress = RoundProgress(number, plan.fold, claims, norm_bound)
         # The first upload's receive buffer, allocated (and its pages faulted in) while the
         # silos train rather than when their updates arrive.
         self._upload_slots.prepare(self._global.manifest.total_bytes)
@@ -403,10 +435,11 @@ class JobRunner:
                 + (f" (declined: {'; '.join(declined)})" if declined else "")
             )
         with self._metrics.aggregation_seconds.time():
-            average = fold.average()
-            new_weights = self._strategy.apply(self._global.weights, average)
-            del average
-            self._set_global(new_weights)
+            new_weights, failure = self._aggregate(fold)
+        if failure:
+            self._fail_round(number, started, progress, selected, failure)
+            return
+        self._set_global(new_weights)
         spent = self._strategy.privacy_spent()
         if spent:
             with self._lock:
@@ -435,6 +468,8 @@ class JobRunner:
             federated_accuracy=fed_acc,
             federated_examples=fed_n,
             silo_epsilon=dict(sorted(progress.epsilons.items())),
+            update_norms=tuple(sorted(progress.norms)),
+            updates_clipped=progress.clipped,
         )
         with self._lock:
             self.state.rounds.append(record)
@@ -453,6 +488,64 @@ class JobRunner:
             percent(record.test_accuracy),
             percent(record.federated_accuracy),
         )
+
+    def _aggregate(self, fold: RoundFold) -> tuple[WeightMap, str]:
+        """The strategy's next global model from the fold's average, and "" or, when that
+        model is not finite, why it is refused (the strategy's state is then put back)."""
+        assert self._global is not None
+        saved = {k: v.clone() for k, v in self._strategy.state_dict().items()}
+        average = fold.average()
+        new_weights = self._strategy.apply(self._global.weights, average)
+        del average
+        name = _first_non_finite(new_weights)
+        if name is not None:
+            self._strategy.load_state_dict(saved)
+            return {}, f"the new global model holds non-finite values in tensor {name!r}"
+        return new_weights, ""
+
+    def _fail_round(
+        self,
+        number: int,
+        started: float,
+        progress: RoundProgress,
+        selected: int,
+        failure: str,
+    ) -> None:
+        """Records a round whose new model was refused; the job fails once more rounds have
+        failed than ``max_failed_rounds`` allows."""
+        fold = progress.fold
+        record = RoundRecord(
+            round=number,
+            silos_selected=selected,
+            updates_accepted=fold.count,
+            updates_rejected=progress.rejected,
+            examples=fold.total_examples,
+            seconds=time.monotonic() - started,
+            slowest_train_seconds=progress.slowest_train_s,
+            train_loss=progress.train_loss,
+            update_norms=tuple(sorted(progress.norms)),
+            updates_clipped=progress.clipped,
+            failed=failure,
+        )
+        with self._lock:
+            self.state.rounds.append(record)
+            failed = sum(1 for r in self.state.rounds if r.failed)
+        self._metrics.rounds_failed.inc()
+        log.error(
+            "round %d/%d failed: %s; the global model stays as it was (%d of at most %d "
+            "failed rounds)",
+            number,
+            self.spec.rounds,
+            failure,
+            failed,
+            self.spec.max_failed_rounds,
+        )
+        self._checkpoint()  # a restart goes on after the failed round, not into it again
+        if failed > self.spec.max_failed_rounds:
+            raise JobFailed(
+                f"round {number}: {failure}; {failed} rounds failed and max_failed_rounds is "
+                f"{self.spec.max_failed_rounds}"
+            )
 
     def _federated_evaluation(
         self, progress: RoundProgress, silos: list[str]

@@ -62,14 +62,21 @@ class RoundRecord:
     federated_examples: int = 0
     #: the cumulative sample-level DP epsilon each silo reported with its accepted update
     silo_epsilon: dict[str, float] = field(default_factory=dict)
+    #: the accepted updates' L2 distances from the global model as they arrived, ascending
+    update_norms: tuple[float, ...] = ()
+    #: accepted updates scaled back onto the round's norm bound (``update_bounds.action: clip``)
+    updates_clipped: int = 0
+    #: why the round's new global model was refused ("" for a round that was applied)
+    failed: str = ""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["update_norms"] = list(self.update_norms)
         return {k: _clean(v) if isinstance(v, float) else v for k, v in data.items()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RoundRecord:
-        return cls(**data)
+        return cls(**{**data, "update_norms": tuple(data.get("update_norms", ()))})
 
 
 @dataclass
@@ -90,6 +97,10 @@ class SiloSummary:
     privacy_accountant: str = ""
     #: why the silo's privacy reports look wrong (e.g. an epsilon that went down), if they do
     privacy_flag: str = ""
+    #: the training and evaluation examples the silo registered when it was first selected
+    #: in the job: its claims are bounded by these (coordinator/claims.py)
+    registered_examples: int | None = None
+    registered_eval_examples: int | None = None
 
 
 #: the job's final state, written in its folder before the report: a coordinator that

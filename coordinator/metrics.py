@@ -32,6 +32,8 @@ class CoordinatorMetrics:
     silos_connected: Gauge
     updates_accepted: Counter
     updates_rejected: Counter
+    updates_clipped: Counter
+    rounds_failed: Counter
     tasks_declined: Counter
     bytes_received: Counter
     bytes_sent: Counter
@@ -107,6 +109,16 @@ class CoordinatorMetrics:
                 "gptfl_updates_rejected_total",
                 "Silo updates or reports rejected, by reason.",
                 ["reason"],
+                registry=reg,
+            ),
+            updates_clipped=Counter(
+                "gptfl_updates_clipped_total",
+                "Accepted silo updates scaled back onto the job's update norm bound.",
+                registry=reg,
+            ),
+            rounds_failed=Counter(
+                "gptfl_rounds_failed_total",
+                "Rounds whose new global model was refused (not finite); the model stayed.",
                 registry=reg,
             ),
             tasks_declined=Counter(

@@ -15,9 +15,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from coordinator.claims import RoundClaims
 from coordinator.round_fold import RoundFold
 from coordinator.round_stages import Stage, StageResult, StageRunner
 from coordinator.tasks import ModelVersion
+from coordinator.update_norm import NormBound
 from gptfl.fleet_messages import EvaluationReport
 from gptfl.task import TaskKind
 
@@ -28,6 +30,10 @@ class RoundProgress:
 
     number: int
     fold: RoundFold
+    #: what each selected silo may claim (coordinator/claims.py)
+    claims: RoundClaims
+    #: the bound on update norms (``update_bounds``), None without one
+    norm_bound: NormBound | None = None
     loss_sum: float = 0.0
     #: the examples behind ``loss_sum`` (a DP silo reports no training loss)
     loss_examples: int = 0
@@ -35,6 +41,10 @@ class RoundProgress:
     rejected: int = 0
     #: the cumulative DP epsilon each silo reported with its accepted update (DP silos only)
     epsilons: dict[str, float] = field(default_factory=dict)
+    #: the accepted updates' distances from the global model, as they arrived
+    norms: list[float] = field(default_factory=list)
+    #: accepted updates that were clipped onto the norm bound
+    clipped: int = 0
     #: evaluation reports by task id, taken by the evaluation stage once it ends
     evaluations: dict[str, EvaluationReport] = field(default_factory=dict)
 
@@ -56,6 +66,9 @@ class RoundSetup:
     connected: int
     global_model: ModelVersion
     deadline_s: float
+    #: the selected silos' bounds on what they claim; its ``max_total_weight`` bounds the
+    #: round's folded weights
+    claims: RoundClaims
 
 
 class RoundPlan(ABC):

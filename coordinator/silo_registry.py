@@ -105,6 +105,11 @@ class SiloRegistry:
         with self._lock:
             return sorted(s for s, r in self._silos.items() if self.is_connected(r))
 
+    def records(self, silo_ids: list[str]) -> list[SiloRecord]:
+        """The records of the given silos (one that was never heard from has zero counts)."""
+        with self._lock:
+            return [self._silos.get(s, SiloRecord(s)) for s in silo_ids]
+
     def snapshot(self) -> list[SiloRecord]:
         with self._lock:
             return [self._silos[s] for s in sorted(self._silos)]

@@ -1,10 +1,13 @@
 """Aggregation strategies behind one interface.
 
 A strategy decides two things: what the silos are told for local training
-(:meth:`Strategy.configure_local`, e.g. FedProx's ``mu``) and how the sample-weighted average
-of the silo models becomes the next global model (:meth:`Strategy.apply`). The averaging
-itself happens in :class:`coordinator.aggregation.RunningSum`, so every strategy works with
-streamed (and, later, securely summed) updates.
+(:meth:`Strategy.configure_local`, e.g. FedProx's ``mu``) and how the round's aggregate of
+the silo models becomes the next global model (:meth:`Strategy.apply`). The aggregate comes
+from the round's fold (:meth:`Strategy.round_fold`): the exact sample-weighted average of
+:class:`coordinator.round_fold.WeightedMeanFold` by default, so every strategy works with
+streamed (and, later, securely summed) updates; the robust strategies (FedMedian,
+FedTrimmedAvg, Krum) keep every update and reduce them robustly instead
+(:mod:`coordinator.robust_folds`), then take the aggregate as the model, as FedAvg does.
 
 Strategies compose: a :class:`StrategyWrapper` (differential privacy, robust clipping) holds
 another strategy, adjusts what it needs and passes the rest through, so a wrapper's change to
@@ -32,9 +35,19 @@ from typing import Any
 
 import torch
 
+from coordinator.robust_folds import KrumFold, MedianFold, TrimmedMeanFold
 from coordinator.round_fold import RoundFold, WeightedMeanFold
 from coordinator.round_plan import RoundSetup
-from gptfl.job_spec import AdaptiveSpec, FedAvgMSpec, FedAvgSpec, FedProxSpec, StrategySpec
+from gptfl.job_spec import (
+    AdaptiveSpec,
+    FedAvgMSpec,
+    FedAvgSpec,
+    FedMedianSpec,
+    FedProxSpec,
+    FedTrimmedAvgSpec,
+    KrumSpec,
+    StrategySpec,
+)
 from gptfl.task import LocalSettings
 from gptfl.weights import WeightMap
 
@@ -59,7 +72,9 @@ class Strategy(ABC):
         strategy can keep every update and reduce them at the close.
         """
         model = setup.global_model
-        return WeightedMeanFold(model.weights, model.manifest.specs)
+        return WeightedMeanFold(
+            model.weights, model.manifest.specs, max_total_weight=setup.claims.max_total_weight
+        )
 
     def privacy_spent(self) -> dict[str, Any]:
         """What a privacy wrapper has spent on the aggregate so far ({} without one)."""
@@ -150,6 +165,51 @@ class FedProx(FedAvg):
 
     def configure_local(self, settings: LocalSettings) -> LocalSettings:
         return dataclasses.replace(settings, proximal_mu=self.proximal_mu)
+
+
+class FedMedian(FedAvg):
+    """The next global model is the coordinate-wise median of the silo models."""
+
+    name = "fedmedian"
+
+    def round_fold(self, setup: RoundSetup) -> RoundFold:
+        model = setup.global_model
+        return MedianFold(model.weights, model.manifest.specs, capacity=len(setup.silos))
+
+
+class FedTrimmedAvg(FedAvg):
+    """The next global model is the coordinate-wise ``beta``-trimmed mean of the silo models."""
+
+    name = "fedtrimmedavg"
+
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
+
+    def round_fold(self, setup: RoundSetup) -> RoundFold:
+        model = setup.global_model
+        return TrimmedMeanFold(
+            model.weights, model.manifest.specs, capacity=len(setup.silos), beta=self.beta
+        )
+
+
+class Krum(FedAvg):
+    """The next global model is the (multi-)Krum choice among the silo models."""
+
+    name = "krum"
+
+    def __init__(self, *, num_byzantine: int, num_selected: int) -> None:
+        self.num_byzantine = num_byzantine
+        self.num_selected = num_selected
+
+    def round_fold(self, setup: RoundSetup) -> RoundFold:
+        model = setup.global_model
+        return KrumFold(
+            model.weights,
+            model.manifest.specs,
+            capacity=len(setup.silos),
+            num_byzantine=self.num_byzantine,
+            num_selected=self.num_selected,
+        )
 
 
 class _ServerOptimizer(Strategy):
@@ -273,4 +333,10 @@ def build_strategy(spec: StrategySpec) -> Strategy:
                 "fedadagrad": FedAdagrad,
             }
             return optimizers[spec.name](**adaptive)
+        case FedMedianSpec():
+            return FedMedian()
+        case FedTrimmedAvgSpec():
+            return FedTrimmedAvg(spec.beta)
+        case KrumSpec():
+            return Krum(num_byzantine=spec.num_byzantine, num_selected=spec.num_selected)
     raise AssertionError(f"unhandled strategy {spec}")  # the spec's union forbids this

@@ -41,10 +41,16 @@ class TaskStatus(enum.Enum):
     DONE = "done"
     DECLINED = "declined"
     EXPIRED = "expired"
+    REJECTED = "rejected"  # refused too often for one reason (TaskBoard.refuse)
 
     @property
     def finished(self) -> bool:
-        return self in (TaskStatus.DONE, TaskStatus.DECLINED, TaskStatus.EXPIRED)
+        return self in (
+            TaskStatus.DONE,
+            TaskStatus.DECLINED,
+            TaskStatus.EXPIRED,
+            TaskStatus.REJECTED,
+        )
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,8 @@ class TaskRecord:
     decline_reason: str = ""
     #: the silo named this task in a call since it was last dispatched, so it holds it
     taken: bool = False
+    #: how often the silo's replies to this task were refused, by reason
+    refusals: dict[str, int] = field(default_factory=dict)
 
     def spec(self) -> TaskSpec:
         """What the silo is told about this task."""
@@ -221,6 +229,22 @@ class TaskBoard:
             if task.status is TaskStatus.RECEIVING:
                 self._reopen(task)
 
+    def refuse(self, task: TaskRecord, reason: str, message: str, *, limit: int) -> bool:
+        """A reply to ``task`` was refused for ``reason``: the task is closed as REJECTED
+        once that reason has come ``limit`` times (returns True), else an upload in progress
+        releases it as :meth:`release` does. A silo that sends the same bad update again and
+        again thus stops getting its task back."""
+        with self._cond:
+            count = task.refusals[reason] = task.refusals.get(reason, 0) + 1
+            if count >= limit and not task.status.finished:
+                task.status = TaskStatus.REJECTED
+                task.decline_reason = f"refused {count} times ({reason}): {message}"
+                self._cond.notify_all()
+                return True
+            if task.status is TaskStatus.RECEIVING:
+                self._reopen(task)
+            return False
+
     def hand_back(self, silo_id: str) -> int:
         """The silo (re)started and holds no task: its dispatched, unfinished tasks can be
         pulled again, instead of waiting for their round's deadline. Returns how many."""
@@ -282,6 +306,10 @@ class TaskBoard:
             raise PermissionDeniedError(f"task {task_id} belongs to another silo")
         if status is TaskStatus.DONE:
             raise DuplicateUpdateError(f"task {task_id} was already completed")
+        if status is TaskStatus.REJECTED:
+            raise StaleTaskError(
+                f"task {task_id} of round {round_} is rejected (refused too often)"
+            )
         raise StaleTaskError(f"task {task_id} belongs to round {round_}, which has closed")
 
     def wait_until(

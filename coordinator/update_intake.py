@@ -1,31 +1,49 @@
 """What silos send a running job, received on gRPC threads: updates, evaluations, declines.
 
 The intake validates every message before it touches the round: the task must be the
-caller's, open and of the right kind and round; the header's figures must be finite; the
-weights must match what the round's fold expects (:class:`coordinator.round_fold.RoundFold`),
-arrive in order with their checksums, and be finite. Only then does the fold take them.
-Any failure is counted by reason and leaves the global model and the round's fold as they
-were. The job thread (:mod:`coordinator.job_runner`) opens and closes rounds on it.
+caller's, open and of the right kind and round; the header's figures must be finite and its
+example count within what the silo registered (:mod:`coordinator.claims`); the weights must
+match what the round's fold expects (:class:`coordinator.round_fold.RoundFold`), arrive in
+order with their checksums, be finite, lie within the job's norm bound from the global model
+(measured while they stream in, :mod:`coordinator.update_norm`) and pass the fold's own
+check. Only then does the fold take them. Any failure is counted by reason and leaves the
+global model and the round's fold as they were; a task refused ``max_task_rejections`` times
+for one reason is closed instead of reopened. The job thread (:mod:`coordinator.job_runner`)
+opens and closes rounds on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+
+import torch
 
 from coordinator.inflight_uploads import InFlightUploads, TrackedUpload
 from coordinator.job_state import JobState, SiloSummary
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.privacy_policy import check_requirement, ledger_flag, record_spend
+from coordinator.round_fold import RoundFold
 from coordinator.round_plan import RoundProgress
 from coordinator.silo_registry import SiloRegistry
 from coordinator.tasks import TaskBoard, TaskRecord, TaskStatus
+from coordinator.update_norm import StreamingDistance, clip_in_place
 from coordinator.upload_slots import UploadSlots
-from gptfl.errors import GptflError, StaleTaskError, StalledUploadError, ValidationError
-from gptfl.fleet_messages import Decline, EvaluationReport, UpdateHeader, check_metrics
+from gptfl.errors import (
+    ChecksumError,
+    GptflError,
+    PrivacyPolicyError,
+    ResourceLimitError,
+    StaleTaskError,
+    StalledUploadError,
+    UpdateNormError,
+    ValidationError,
+)
+from gptfl.fleet_messages import Decline, EvaluationReport, UpdateHeader
 from gptfl.job_spec import RequireDpSpec
 from gptfl.task import TaskKind
 from gptfl.weights import Chunk, Manifest, PayloadReceiver, WeightMap, check_manifest, iter_chunks
@@ -36,6 +54,10 @@ log = logging.getLogger(__name__)
 MAX_DECLINE_REASON = 500
 
 Receive = Callable[[Manifest, Iterator[Chunk]], None]
+
+#: refusals of what a silo sent (as opposed to a round that closed, a call that went away):
+#: counted per task and reason, and a task refused too often for one is closed
+_REFUSALS = (ValidationError, ChecksumError, PrivacyPolicyError, ResourceLimitError)
 
 
 def _nothing() -> None:
@@ -67,9 +89,11 @@ class UpdateIntake:
         upload_slots: UploadSlots,
         in_flight: InFlightUploads,
         require_dp: RequireDpSpec | None = None,
+        max_task_rejections: int = 3,
     ) -> None:
         self._state = state
         self._require_dp = require_dp
+        self._max_rejections = max_task_rejections
         self._lock = state_lock
         self._board = board
         self._registry = registry
@@ -129,6 +153,7 @@ class UpdateIntake:
         model and the fold as they were. ``cancel`` ends the upload's call: the round calls
         it if it closes while the upload holds a slot, so a stalled silo cannot keep the slot.
         """
+        task: TaskRecord | None = None
         try:
             task = self._board.lookup(silo_id, header.task_id, TaskKind.TRAIN)
             progress = self._round
@@ -139,6 +164,7 @@ class UpdateIntake:
                     f"{progress.number if progress else None}"
                 )
             header.check()
+            weight = progress.claims.update_weight(silo_id, header.num_examples)
             self._check_privacy(silo_id, header, task.round)
             self._board.claim(task)
             outcome: list[bool] = []  # whether the update was folded, once received
@@ -151,6 +177,7 @@ class UpdateIntake:
                             f"freed up for task {task.task_id}"
                         )
                     slot_buffer = lend
+                    claimed = task
                     with self._in_flight.track(task, cancel or _nothing) as tracked:
                         upload = tracked
 
@@ -159,17 +186,24 @@ class UpdateIntake:
                             fold = progress.fold
                             check_manifest(manifest, expected=fold.expected)
                             buffer = slot_buffer(manifest.total_bytes)
-                            weights = self._verified_update(
-                                silo_id, manifest, chunks, buffer, upload.touch, progress
+                            weights, norm = self._verified_update(
+                                silo_id, claimed, fold, manifest, chunks, buffer, upload.touch
                             )
-                            outcome.append(self._fold(task, progress, weights, header))
+                            folded = dataclasses.replace(header, num_examples=weight)
+                            clipped = self._bound(claimed, progress, weights, norm)
+                            fold.check(weights, folded)
+                            outcome.append(
+                                self._fold(claimed, progress, weights, folded, norm, clipped)
+                            )
 
                         yield receive
                 if not outcome:
                     raise ValidationError(f"the upload of task {task.task_id} sent no weights")
             except BaseException as exc:
-                self._board.release(task)
-                if isinstance(exc, GptflError) and tracked is not None and tracked.ended_for:
+                ended = isinstance(exc, GptflError) and tracked is not None and tracked.ended_for
+                if ended or not isinstance(exc, _REFUSALS):
+                    self._board.release(task)  # a refusal is released (or closed) below
+                if ended and tracked is not None:
                     raise _ended_error(tracked, self._in_flight.stall_timeout_s) from exc
                 raise
             if not outcome[0]:
@@ -177,17 +211,18 @@ class UpdateIntake:
                     f"round {task.round} closed (deadline) before the upload of task "
                     f"{task.task_id} completed"
                 )
-            self._registry.record_participation(silo_id, header.num_examples)
+            self._registry.record_participation(silo_id, weight)
             self._metrics.updates_accepted.inc()
             self._metrics.silo_last_round.labels(silo=silo_id).set(task.round)
             log.info(
-                "round %d: accepted update from %s (%d examples)",
+                "round %d: accepted update from %s (%d examples, weight %d)",
                 task.round,
                 silo_id,
                 header.num_examples,
+                weight,
             )
         except GptflError as exc:
-            self._count_rejection(silo_id, exc)
+            self._count_rejection(silo_id, exc, task)
             raise
 
     def _check_privacy(self, silo_id: str, header: UpdateHeader, round_: int) -> None:
@@ -204,27 +239,77 @@ class UpdateIntake:
     def _verified_update(
         self,
         silo_id: str,
+        task: TaskRecord,
+        fold: RoundFold,
         manifest: Manifest,
         chunks: Iterator[Chunk],
         buffer: bytearray,
         on_chunk: Callable[[], None],
-        progress: RoundProgress,
-    ) -> WeightMap:
-        """Receives an update into ``buffer`` and verifies it (layout, sums, values)."""
-        fold = progress.fold
+    ) -> tuple[WeightMap, float | None]:
+        """Receives an update into ``buffer`` and verifies it (layout, sums, values); returns
+        it with its distance from the task's model, measured as the chunks arrive (None for
+        integer payloads, which are not model weights)."""
         receiver = PayloadReceiver(manifest, expected=fold.expected, buffer=buffer)
+        distance = (
+            None
+            if fold.integer_payload
+            else StreamingDistance(manifest, task.model.weights, buffer)
+        )
         received = self._metrics.bytes_received.labels(silo=silo_id)
+        position = 0
         for chunk in chunks:
             receiver.add(chunk)
+            position += len(chunk.data)
+            if distance is not None:
+                distance.advance(position)
             received.inc(len(chunk.data))
             on_chunk()
-        return receiver.finish(require_finite=not fold.integer_payload)
+        weights = receiver.finish(require_finite=not fold.integer_payload)
+        return weights, distance.norm() if distance is not None else None
+
+    def _bound(
+        self,
+        task: TaskRecord,
+        progress: RoundProgress,
+        weights: Mapping[str, torch.Tensor],
+        norm: float | None,
+    ) -> bool:
+        """Holds the update to the round's norm bound: refuses it or clips it in place
+        (returns True when clipped).
+
+        Raises:
+            UpdateNormError: the update lies beyond the bound and the action is ``reject``.
+        """
+        bound = progress.norm_bound
+        if bound is None or norm is None or norm <= bound.limit:
+            return False
+        if bound.action == "reject":
+            raise UpdateNormError(
+                f"the update of task {task.task_id} lies {norm:.6g} from the global model "
+                f"(L2), beyond the round's bound {bound.limit:.6g} ({bound.source})"
+            )
+        clip_in_place(weights, task.model.weights, bound.limit / norm)
+        log.info(
+            "round %d: clipped the update of %s from norm %.6g to %.6g (%s)",
+            task.round,
+            task.silo_id,
+            norm,
+            bound.limit,
+            bound.source,
+        )
+        return True
 
     def _fold(
-        self, task: TaskRecord, progress: RoundProgress, weights: WeightMap, header: UpdateHeader
+        self,
+        task: TaskRecord,
+        progress: RoundProgress,
+        weights: WeightMap,
+        header: UpdateHeader,
+        norm: float | None,
+        clipped: bool,
     ) -> bool:
-        """Closes the task and folds its update and its training figures; False when the round
-        expired the task first.
+        """Closes the task and folds its update (with weight ``header.num_examples``) and its
+        training figures; False when the round expired the task first.
 
         All of it happens under the fold lock the stage takes to expire its tasks: an upload
         overtaken by the deadline is never half counted, and a round that closes as soon as
@@ -239,6 +324,9 @@ class UpdateIntake:
                     progress.loss_sum += header.train_metrics["loss"] * header.num_examples
                     progress.loss_examples += header.num_examples
                 progress.slowest_train_s = max(progress.slowest_train_s, header.train_seconds)
+                if norm is not None:
+                    progress.norms.append(norm)
+                progress.clipped += clipped
                 summary = self._state.silos.setdefault(task.silo_id, SiloSummary())
                 summary.rounds_participated += 1
                 summary.examples += header.num_examples
@@ -246,6 +334,8 @@ class UpdateIntake:
                 record_spend(summary, header.privacy)
                 if header.privacy is not None:
                     progress.epsilons[task.silo_id] = header.privacy.epsilon
+            if clipped:
+                self._metrics.updates_clipped.inc()
             if header.privacy is not None:
                 self._metrics.silo_privacy_epsilon.labels(silo=task.silo_id).set(
                     header.privacy.epsilon
@@ -255,7 +345,9 @@ class UpdateIntake:
     # ---- evaluations and declines --------------------------------------------------------
 
     def receive_evaluation(self, silo_id: str, report: EvaluationReport) -> None:
-        """Checks and keeps a silo's evaluation report for the round's evaluation stage.
+        """Records a silo's evaluation of the round's new model once it passes the checks of
+        :meth:`coordinator.claims.RoundClaims.check_evaluation` (examples within what the
+        silo registered, accuracy in [0, 1], a finite loss >= 0).
 
         A report for an evaluation task that is already done is a retry whose first attempt
         arrived: it is answered as done and changes nothing.
@@ -263,22 +355,20 @@ class UpdateIntake:
         if self._board.ended_as(silo_id, report.task_id) == (TaskKind.EVALUATE, TaskStatus.DONE):
             log.info("silo %s sent its evaluation of task %s again", silo_id, report.task_id)
             return
+        task: TaskRecord | None = None
         try:
             task = self._board.lookup(silo_id, report.task_id, TaskKind.EVALUATE)
-            for key in ("loss", "accuracy"):
-                if key not in report.metrics:
-                    raise ValidationError(f"evaluation report lacks a finite {key!r}")
-            check_metrics(report.metrics, what="evaluation metric")
-            if report.num_examples <= 0:
-                raise ValidationError("evaluation report has no examples")
+            progress = self._round
+            if progress is None or progress.number != task.round:
+                raise StaleTaskError(f"the evaluation of round {task.round} has closed")
+            progress.claims.check_evaluation(silo_id, report)
             with self.fold_lock:
                 if not self._board.finish(task, TaskStatus.DONE):
                     raise StaleTaskError(f"the evaluation of round {task.round} has closed")
                 with self._lock:
-                    if self._round is not None:
-                        self._round.evaluations[task.task_id] = report
+                    progress.evaluations[task.task_id] = report
         except GptflError as exc:
-            self._count_rejection(silo_id, exc)
+            self._count_rejection(silo_id, exc, task)
             raise
 
     def decline(self, silo_id: str, decline: Decline) -> None:
@@ -309,10 +399,21 @@ class UpdateIntake:
             reason,
         )
 
-    def _count_rejection(self, silo_id: str, exc: GptflError) -> None:
+    def _count_rejection(self, silo_id: str, exc: GptflError, task: TaskRecord | None) -> None:
         self._metrics.updates_rejected.labels(reason=exc.reason).inc()
         with self._lock:
             self._state.silos.setdefault(silo_id, SiloSummary()).updates_rejected += 1
             if self._round is not None:
                 self._round.rejected += 1
         log.warning("rejected %s from %s: %s", exc.reason, silo_id, exc)
+        if task is not None and isinstance(exc, _REFUSALS):
+            limit = self._max_rejections
+            if self._board.refuse(task, exc.reason, str(exc), limit=limit):
+                log.warning(
+                    "round %d: task %s of %s refused %d times (%s); it is closed, not reopened",
+                    task.round,
+                    task.task_id,
+                    silo_id,
+                    limit,
+                    exc.reason,
+                )

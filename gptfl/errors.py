@@ -45,6 +45,32 @@ class NonFiniteError(ValidationError):
     reason = "non_finite"
 
 
+class ExcessClaimError(ValidationError):
+    """An update or an evaluation report claims more examples than its silo registered for the
+    job (the count is a FedAvg weight, so it is bounded by what the coordinator was told)."""
+
+    reason = "excess_claim"
+
+
+class WeightRangeError(ValidationError):
+    """An update holds a finite value beyond the range the round's aggregation can add up
+    exactly (far beyond any value the global model holds)."""
+
+    reason = "weight_range"
+
+
+class MetricRangeError(ValidationError):
+    """A reported metric lies outside its range (an accuracy outside [0, 1], a negative loss)."""
+
+    reason = "metric_range"
+
+
+class UpdateNormError(ValidationError):
+    """An update lies farther from the global model (L2) than the job's ``update_bounds``."""
+
+    reason = "update_norm"
+
+
 class ChunkOrderError(ValidationError):
     """A chunk arrived out of order, overlapping, or past the declared size."""
 

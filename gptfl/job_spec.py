@@ -24,8 +24,20 @@ from gptfl.synth_spec import (
     SynthesisRequest,
 )
 
-StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+StrategyName = Literal[
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+]
 ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")
+#: the strategies that keep every update of a round and reduce them robustly at its close
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 #: the adaptive strategies' server learning rate when a job spec leaves it out
 ADAPTIVE_SERVER_LR = 0.01
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
@@ -85,6 +97,33 @@ class AdaptiveSpec(StrictModel):
     tau: float = pydantic.Field(1e-3, gt=0)
 
 
+class FedMedianSpec(StrictModel):
+    """``fedmedian``: the next global model is the coordinate-wise median of the silo models
+    (Yin et al. 2018), whatever their sample counts. Keeps every update of a round."""
+
+    name: Literal["fedmedian"] = "fedmedian"
+
+
+class FedTrimmedAvgSpec(StrictModel):
+    """``fedtrimmedavg``: per coordinate, the ``floor(beta * n)`` largest and as many smallest
+    of the ``n`` silo values are dropped and the rest averaged with equal weight (Yin et al.
+    2018). Keeps every update of a round."""
+
+    name: Literal["fedtrimmedavg"] = "fedtrimmedavg"
+    beta: float = pydantic.Field(0.2, ge=0, lt=0.5)
+
+
+class KrumSpec(StrictModel):
+    """``krum``: (multi-)Krum (Blanchard et al. 2017). Each update is scored by the summed
+    squared distances to its ``n - num_byzantine - 2`` nearest other updates; the
+    ``num_selected`` lowest-scored are averaged by sample count (1: Krum itself). Keeps every
+    update of a round."""
+
+    name: Literal["krum"] = "krum"
+    num_byzantine: int = pydantic.Field(0, ge=0)
+    num_selected: int = pydantic.Field(1, ge=1)
+
+
 def _strategy_tag(value: Any) -> str | None:
     """Which member of :data:`StrategySpec` a value is (``fedavg`` when it names none)."""
     name = value.get("name", "fedavg") if isinstance(value, dict) else getattr(value, "name", None)
@@ -98,7 +137,10 @@ StrategySpec = Annotated[
     Annotated[FedAvgSpec, pydantic.Tag("fedavg")]
     | Annotated[FedProxSpec, pydantic.Tag("fedprox")]
     | Annotated[FedAvgMSpec, pydantic.Tag("fedavgm")]
-    | Annotated[AdaptiveSpec, pydantic.Tag("adaptive")],
+    | Annotated[AdaptiveSpec, pydantic.Tag("adaptive")]
+    | Annotated[FedMedianSpec, pydantic.Tag("fedmedian")]
+    | Annotated[FedTrimmedAvgSpec, pydantic.Tag("fedtrimmedavg")]
+    | Annotated[KrumSpec, pydantic.Tag("krum")],
     pydantic.Discriminator(
         _strategy_tag,
         custom_error_type=UNKNOWN_NAME,
@@ -146,6 +188,31 @@ class SiloLevelDpSpec(StrictModel):
     def _one_way_to_the_noise(self) -> SiloLevelDpSpec:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
+class UpdateBoundsSpec(StrictModel):
+    """How far an update may lie from the global model it was trained from (the L2 norm of
+    ``w_silo - w_global`` over the floating-point tensors), measured as it streams in.
+
+    ``max_norm`` is a fixed bound; ``max_norm_vs_median`` bounds an update at that multiple
+    of the median norm of the updates accepted in the latest earlier rounds (at least
+    ``median_of`` norms, gathered from the most recent rounds back), so the bound of a round
+    never depends on the order its own updates arrive in. With both, the lower bound holds;
+    before ``median_of`` norms were seen, only ``max_norm`` (if given) does. An update above
+    the bound is refused (``reject``) or scaled back onto it (``clip``:
+    ``w_global + (w_silo - w_global) * bound / norm``).
+    """
+
+    max_norm: float | None = pydantic.Field(None, gt=0)
+    max_norm_vs_median: float | None = pydantic.Field(None, ge=1)
+    median_of: int = pydantic.Field(3, ge=1, le=10_000)
+    action: Literal["reject", "clip"] = "reject"
+
+    @pydantic.model_validator(mode="after")
+    def _a_bound(self) -> UpdateBoundsSpec:
+        if self.max_norm is None and self.max_norm_vs_median is None:
+            raise ValueError("give max_norm, max_norm_vs_median or both")
         return self
 
 
@@ -275,6 +342,16 @@ class JobSpec(StrictModel):
     #: silo-level DP on the aggregate (DP-FedAvg), around whichever strategy (docs/privacy.md)
     silo_level_dp: SiloLevelDpSpec | None = None
 
+    #: the most any one silo's sample count may weigh in a round, as a fraction of the
+    #: round's expected total weight (docs/job-spec.md, "Claims"); None: no cap
+    max_weight_fraction: float | None = pydantic.Field(None, gt=0, le=1)
+    #: bounds on each update's distance from the global model (reject or clip)
+    update_bounds: UpdateBoundsSpec | None = None
+    #: rounds whose new global model may be refused as non-finite before the job fails
+    max_failed_rounds: int = pydantic.Field(0, ge=0, le=100_000)
+    #: a task refused this many times for the same reason is closed, not reopened
+    max_task_rejections: int = pydantic.Field(3, ge=1, le=1000)
+
     @pydantic.field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
@@ -322,6 +399,15 @@ class JobSpec(StrictModel):
             raise ValueError(
                 f"pretrain.labels has {len(self.pretrain.labels)} names but model.num_classes "
                 f"is {self.model.num_classes}; name every class, in label order"
+            )
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _silo_level_dp_needs_a_mean(self) -> JobSpec:
+        if self.silo_level_dp is not None and self.strategy.name in ROBUST_STRATEGIES:
+            raise ValueError(
+                f"silo_level_dp averages clipped updates itself, so it cannot run with the "
+                f"robust strategy {self.strategy.name!r}; use fedavg or a server optimizer"
             )
         return self
 

@@ -86,7 +86,6 @@ class SiloAgent:
         self._fingerprints = local_fingerprints()
         self._cached: tuple[str, WeightMap] | None = None
         self._state = "idle"
-        self._counts_changed = False
         self._jobs_seen_running: set[str] = set()
         self.tasks_completed = 0
 
@@ -176,15 +175,15 @@ class SiloAgent:
             channel.close()
 
     def _register(self, client: FleetApi) -> RegisterAck:
-        """Tells the coordinator who we are, how much data we hold (known once loaded) and
-        which model architectures we resolve.
+        """Tells the coordinator who we are, how much data we hold (counted at start: an
+        update may not claim more than its silo registered) and which model architectures we
+        resolve.
 
         Raises:
             FatalAgentError: the coordinator refused this silo's models (FAILED_PRECONDITION:
                 an architecture differs in provider, version or layout); retrying cannot help.
         """
-        self._counts_changed = False  # the counts sent now are the current ones
-        num_train, num_eval = self.data.counts()
+        num_train, num_eval = self.data.registered_counts
         try:
             return client.register(
                 agent_version=__version__,
@@ -199,14 +198,10 @@ class SiloAgent:
             raise
 
     def _splits(self, task: TaskSpec) -> LocalSplits:
-        before = self.data.counts()
-        splits = self.data.for_model(task.model_spec)
-        if self.data.counts() != before:
-            # Registered again once the task is over, so the coordinator's silo list shows
-            # the counts: a Register means "this silo holds no task" (the coordinator hands
-            # back any task it had given this silo), so never send one mid-task.
-            self._counts_changed = True
-        return splits
+        # The counts were registered at start (LocalData counts without reading an image),
+        # so loading the data for a task never needs a second Register, which would mean
+        # "this silo holds no task" to the coordinator.
+        return self.data.for_model(task.model_spec)
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         if self.config.insecure and self.config.silo_id:
@@ -231,8 +226,6 @@ class SiloAgent:
     def _serve(self, client: FleetApi, stop: threading.Event) -> bool:
         """Pulls and runs tasks; True when the agent should exit (job over, exit_after_job)."""
         while not stop.is_set():
-            if self._counts_changed:
-                self._register(client)
             pulled = client.pull_task(self.config.poll_wait_s)
             if pulled.task is not None:
                 self._jobs_seen_running.add(pulled.job_id)

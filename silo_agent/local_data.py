@@ -34,16 +34,37 @@ class LocalData:
         Raises:
             ConfigError: a source is missing or unusable, naming its key.
         """
+        counts: dict[str, int] = {}
         for key, source in (("data.train", config.train), ("data.eval", config.eval)):
             if source is None:
                 continue
             try:
                 check_source(source)
+                counts[key] = count_examples(source)
             except GptflError as exc:
                 raise ConfigError(f"{key}: {exc}") from None
         self._config = config
         self._cache: dict[tuple[int, int], LocalSplits] = {}
         self._lock = threading.Lock()
+        total = counts["data.train"]
+        if config.eval is not None:
+            self._registered = (total, counts["data.eval"])
+        elif config.eval_fraction > 0:
+            held = held_out_count(total, config.eval_fraction)  # as split_fraction holds out
+            self._registered = (total - held, held)
+        else:
+            self._registered = (total, 0)
+
+    @property
+    def registered_counts(self) -> tuple[int, int]:
+        """(training, evaluation) examples every task will use, counted at start without
+        reading an image: what the silo registers, so the coordinator knows them before the
+        first update (an update may not claim more than its silo registered)."""
+        return self._registered
+
+    def train_count(self) -> int:
+        """The training examples a task will train on (the same for every input shape)."""
+        return self._registered[0]
 
     def counts(self) -> tuple[int, int]:
         """(training, evaluation) examples of the data loaded last; (0, 0) before any task."""
@@ -52,22 +73,6 @@ class LocalData:
                 return 0, 0
             last = next(reversed(self._cache.values()))
             return len(last.train), len(last.eval)
-
-    def train_count(self) -> int:
-        """The training examples a task will train on, counted without reading an image
-        (the same for every input shape).
-
-        Raises:
-            ConfigError: a source is missing or unusable, naming its key.
-        """
-        cfg = self._config
-        try:
-            total = count_examples(cfg.train)
-        except GptflError as exc:
-            raise ConfigError(f"data.train: {exc}") from None
-        if cfg.eval is None and cfg.eval_fraction > 0:
-            return total - held_out_count(total, cfg.eval_fraction)
-        return total
 
     def for_model(self, spec: ModelSpec) -> LocalSplits:
         key = (spec.in_channels, spec.image_size)

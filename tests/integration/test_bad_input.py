@@ -7,25 +7,20 @@ upload streams over gRPC.
 from __future__ import annotations
 
 import dataclasses
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 import torch
-import yaml
 
 from coordinator.server import Coordinator
-from gptfl import serde
-from gptfl.admin_client import AdminClient
-from gptfl.pki import participant_files
-from gptfl.proto.v1 import fleet_pb2, fleet_pb2_grpc
 from gptfl.task import TaskSpec
-from gptfl.weights import Chunk, Manifest, build_manifest, iter_chunks, receive_all
-from tests.integration.conftest import StartCoordinator, silo_channel
-from tests.waiting import wait_until
+from gptfl.weights import Chunk, Manifest
+from tests.integration.conftest import StartCoordinator
+from tests.integration.raw_silo import Silo, global_sha, plain, rejected, submit
 
 SPEC = {
     "name": "bad-input",
@@ -35,80 +30,6 @@ SPEC = {
     "round_deadline_s": 60,
     "evaluation": {"federated": False},
 }
-
-
-def _submit(coordinator: Coordinator, pki_dir: Path, spec: dict[str, Any]) -> None:
-    with AdminClient(
-        f"127.0.0.1:{coordinator.admin.port}", tls=participant_files(pki_dir, "admin")
-    ) as admin:
-        admin.submit(yaml.safe_dump(spec))
-
-
-class Silo:
-    """A hand-driven silo: raw stubs, so the test controls every message."""
-
-    def __init__(self, pki_dir: Path, name: str, port: int) -> None:
-        self.channel = silo_channel(pki_dir, name, port)
-        self.stub = fleet_pb2_grpc.FleetStub(self.channel)
-        self.stub.Register(fleet_pb2.RegisterRequest(agent_version="test"), timeout=10)
-
-    def pull(self) -> TaskSpec:
-        def task() -> TaskSpec | None:
-            reply = self.stub.PullTask(fleet_pb2.PullTaskRequest(wait_ms=1000), timeout=10)
-            return serde.task_from_pb(reply.task) if reply.HasField("task") else None
-
-        return wait_until(task, timeout_s=30, interval_s=0, what="a task")
-
-    def download(self, task: TaskSpec) -> dict[str, torch.Tensor]:
-        parts = self.stub.DownloadModel(
-            fleet_pb2.DownloadModelRequest(task_id=task.task_id), timeout=30
-        )
-        manifest, chunks = serde.split_weight_stream(iter(parts))
-        return receive_all(manifest, chunks)
-
-    def upload(
-        self,
-        task: TaskSpec,
-        manifest: Manifest,
-        chunks: Iterator[Chunk],
-        *,
-        round_: int | None = None,
-        task_id: str | None = None,
-    ) -> fleet_pb2.UploadReply:
-        def parts() -> Iterator[fleet_pb2.UploadPart]:
-            yield fleet_pb2.UploadPart(
-                header=fleet_pb2.UpdateHeader(
-                    task_id=task_id or task.task_id,
-                    round=task.round if round_ is None else round_,
-                    num_examples=10,
-                    train_metrics=serde.metrics_to_pb({"loss": 1.0}),
-                )
-            )
-            yield fleet_pb2.UploadPart(manifest=serde.manifest_to_pb(manifest))
-            for chunk in chunks:
-                part = fleet_pb2.UploadPart()
-                serde.fill_chunk(part.chunk, chunk)
-                yield part
-
-        # A client that does not wait for the coordinator's `ready`: the coordinator must
-        # cope with parts that arrive early, and reject bad ones all the same.
-        replies = list(self.stub.UploadUpdate(parts(), timeout=30))
-        assert replies[0].ready, replies
-        reply: fleet_pb2.UploadReply = replies[-1]
-        return reply
-
-
-def _rejected(coordinator: Coordinator, reason: str) -> float:
-    value = coordinator.metrics.registry.get_sample_value(
-        "gptfl_updates_rejected_total", {"reason": reason}
-    )
-    return value or 0.0
-
-
-def _global_sha(coordinator: Coordinator) -> str:
-    runner = coordinator.jobs.current()
-    assert runner is not None and runner.global_model is not None
-    return runner.global_model.manifest.sha256
 
 
 def _flip(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
@@ -128,49 +49,44 @@ def _swap_first_two(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
 Mutation = Callable[[dict[str, torch.Tensor]], tuple[Manifest, Iterator[Chunk]]]
 
 
-def _plain(weights: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
-    manifest = build_manifest(weights, chunk_size=4096)
-    return manifest, iter_chunks(weights, manifest)
-
-
 def _renamed(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
     first = next(iter(w))
-    return _plain({("evil." + k if k == first else k): v for k, v in w.items()})
+    return plain({("evil." + k if k == first else k): v for k, v in w.items()})
 
 
 def _reshaped(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
     first = next(iter(w))
-    return _plain({k: (v.reshape(-1) if k == first else v) for k, v in w.items()})
+    return plain({k: (v.reshape(-1) if k == first else v) for k, v in w.items()})
 
 
 def _retyped(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
-    return _plain({k: v.double() for k, v in w.items()})
+    return plain({k: v.double() for k, v in w.items()})
 
 
 def _nan(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
     first = next(iter(w))
     bad = {k: v.clone() for k, v in w.items()}
     bad[first].view(-1)[0] = float("nan")
-    return _plain(bad)
+    return plain(bad)
 
 
 def _bad_crc(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
-    manifest, chunks = _plain(w)
+    manifest, chunks = plain(w)
     return manifest, _flip(chunks)
 
 
 def _bad_sha(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
-    manifest, chunks = _plain(w)
+    manifest, chunks = plain(w)
     return dataclasses.replace(manifest, sha256="0" * 64), chunks
 
 
 def _out_of_order(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
-    manifest, chunks = _plain(w)
+    manifest, chunks = plain(w)
     return manifest, _swap_first_two(chunks)
 
 
 def _truncated(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
-    manifest, chunks = _plain(w)
+    manifest, chunks = plain(w)
     return manifest, iter(list(chunks)[:-1])
 
 
@@ -190,7 +106,7 @@ CASES: list[tuple[str, Mutation, grpc.StatusCode, str, str]] = [
 def job(start: StartCoordinator, pki_dir: Path) -> tuple[Coordinator, Silo, TaskSpec]:
     coordinator = start()
     silo = Silo(pki_dir, "silo-a", coordinator.fleet.port)
-    _submit(coordinator, pki_dir, SPEC)
+    submit(coordinator, pki_dir, SPEC)
     return coordinator, silo, silo.pull()
 
 
@@ -205,26 +121,29 @@ def test_bad_update_is_rejected_counted_and_harmless(
 ) -> None:
     coordinator, silo, task = job
     weights = silo.download(task)
-    before_sha = _global_sha(coordinator)
-    before_count = _rejected(coordinator, reason)
+    before_sha = global_sha(coordinator)
+    before_count = rejected(coordinator, reason)
     manifest, chunks = mutate(weights)
     with pytest.raises(grpc.RpcError) as info:
         silo.upload(task, manifest, chunks)
     assert info.value.code() == code, info.value.details()
     assert needle in (info.value.details() or ""), info.value.details()
-    assert _rejected(coordinator, reason) == before_count + 1
-    assert _global_sha(coordinator) == before_sha
+    assert rejected(coordinator, reason) == before_count + 1
+    assert global_sha(coordinator) == before_sha
     # The task stays open: a correct upload afterwards is accepted and counted once.
-    reply = silo.upload(task, *_plain(weights))
+    reply = silo.upload(task, *plain(weights))
     assert reply.accepted
     with pytest.raises(grpc.RpcError) as again:
-        silo.upload(task, *_plain(weights))
+        silo.upload(task, *plain(weights))
     assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
     # The round closes on that one update: nothing of the rejected one is in the aggregate.
     # (The good update carries the downloaded weights, so the new global model equals them.)
     runner = coordinator.jobs.current()
     assert runner is not None
-    wait_until(lambda: runner.state.rounds, timeout_s=30, interval_s=0.02, what="round 1 to close")
+    deadline = time.monotonic() + 30
+    while not runner.state.rounds:
+        assert time.monotonic() < deadline, "round 1 did not close"
+        time.sleep(0.02)
     assert runner.state.rounds[0].updates_accepted == 1
     assert runner.state.rounds[0].updates_rejected >= 1
     assert runner.global_model is not None
@@ -239,25 +158,25 @@ def test_upload_for_another_round_or_task_is_refused(
     coordinator, silo, task = job
     weights = silo.download(task)
     with pytest.raises(grpc.RpcError) as wrong_round:
-        silo.upload(task, *_plain(weights), round_=task.round + 5)
+        silo.upload(task, *plain(weights), round_=task.round + 5)
     assert wrong_round.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "round" in (wrong_round.value.details() or "")
     with pytest.raises(grpc.RpcError) as unknown:
-        silo.upload(task, *_plain(weights), task_id="no-such-task")
+        silo.upload(task, *plain(weights), task_id="no-such-task")
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     # Another silo cannot act on silo-a's task: its identity comes from its certificate.
     other = Silo(pki_dir, "silo-b", coordinator.fleet.port)
     with pytest.raises(grpc.RpcError) as theft:
-        other.upload(task, *_plain(weights))
+        other.upload(task, *plain(weights))
     assert theft.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert _rejected(coordinator, "stale_task") >= 1
-    assert _rejected(coordinator, "permission_denied") >= 1
+    assert rejected(coordinator, "stale_task") >= 1
+    assert rejected(coordinator, "permission_denied") >= 1
 
 
 def test_crc_mismatch_is_caught_per_chunk(job: tuple[Coordinator, Silo, TaskSpec]) -> None:
     _coordinator, silo, task = job
     weights = silo.download(task)
-    manifest, chunks = _plain(weights)
+    manifest, chunks = plain(weights)
     items = list(chunks)
     items[1] = dataclasses.replace(items[1], crc32=zlib.crc32(b"other"))
     with pytest.raises(grpc.RpcError) as info:

@@ -38,7 +38,7 @@ def test_300mb_model_round_trip(start: StartCoordinator, pki_dir: Path) -> None:
     assert MAX_MESSAGE_BYTES == 4 << 20  # the default limit stays in force
     coordinator = start(initial_model=_big_model)
     client = FleetClient(silo_channel(pki_dir, "silo-a", coordinator.fleet.port))
-    client.register(agent_version="test", device="cpu", num_train=1, num_eval=0)
+    client.register(agent_version="test", device="cpu", num_train=5, num_eval=0)
     spec = {
         "name": "big",
         "model": {"arch": "cnn-small", "num_classes": 10, "in_channels": 1, "image_size": 8},

@@ -87,6 +87,8 @@ STAY_INITIAL: dict[str, str] = {
         "set only for a job with silo_level_dp; this job has none (unit-tested in "
         "tests/unit/coordinator/test_silo_level_dp.py)"
     ),
+    "gptfl_updates_clipped": "a clean job has no update_bounds, so no update is clipped",
+    "gptfl_rounds_failed": "no round of a clean job makes a non-finite model",
 }
 
 # The same for the synth service's families.

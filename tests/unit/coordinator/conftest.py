@@ -18,7 +18,7 @@ def job(tmp_path: Path) -> Iterator[InProcessJob]:
     registry = SiloRegistry(timeout_s=60)
     for silo in SILOS:
         registry.register(
-            silo, agent_version="test", device="cpu", num_train_examples=100, num_eval_examples=10
+            silo, agent_version="test", device="cpu", num_train_examples=1000, num_eval_examples=100
         )
     harness = InProcessJob(tmp_path, registry, TaskBoard(), CoordinatorMetrics.create(), [])
     yield harness

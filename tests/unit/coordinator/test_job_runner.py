@@ -27,6 +27,7 @@ from gptfl.errors import (
     ChecksumError,
     ChunkOrderError,
     DuplicateUpdateError,
+    ExcessClaimError,
     GptflError,
     ManifestMismatchError,
     NonFiniteError,
@@ -34,6 +35,7 @@ from gptfl.errors import (
     StaleTaskError,
     UnknownTaskError,
     ValidationError,
+    WeightRangeError,
 )
 from gptfl.fleet_messages import Decline, EvaluationReport, UpdateHeader
 from gptfl.job_spec import JobSpec
@@ -133,7 +135,7 @@ def coord(tmp_path: Path) -> Iterator[Coordinator]:
     registry = SiloRegistry(timeout_s=60)
     for silo in ("a", "b"):
         registry.register(
-            silo, agent_version="test", device="cpu", num_train_examples=100, num_eval_examples=10
+            silo, agent_version="test", device="cpu", num_train_examples=1000, num_eval_examples=100
         )
     c = Coordinator(tmp_path, registry, TaskBoard(), CoordinatorMetrics.create(), [])
     yield c
@@ -298,6 +300,13 @@ def _nan(weights: WeightMap) -> WeightMap:
     return out
 
 
+def _huge(weights: WeightMap) -> WeightMap:
+    """Finite, but far past what any float32 sum of a few of them could hold."""
+    out = dict(weights)
+    out["classifier.3.bias"] = torch.full_like(weights["classifier.3.bias"], 1e37)
+    return out
+
+
 def _reshaped(weights: WeightMap) -> WeightMap:
     out = dict(weights)
     out["classifier.3.weight"] = weights["classifier.3.weight"].t().contiguous()
@@ -355,6 +364,8 @@ BAD_UPDATES: list[tuple[str, str, dict[str, Any], type[GptflError], str, str]] =
         "head.bias",
     ),
     ("non-finite", "a", {"weights": _nan}, NonFiniteError, "non_finite", "classifier.3.bias"),
+    ("huge", "a", {"weights": _huge}, WeightRangeError, "weight_range", "classifier.3.bias"),
+    ("over-claim", "a", {"n": 1001}, ExcessClaimError, "excess_claim", "1000 training examples"),
     ("bad-crc", "a", {"edit": _flip_byte}, ChecksumError, "checksum", "crc32"),
     ("out-of-order", "a", {"edit": _swap}, ChunkOrderError, "chunk_order", "out of order"),
 ]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
+from coordinator.claims import RoundClaims
 from coordinator.job_state import Phase
 from coordinator.round_plan import RoundSetup
 from coordinator.silo_level_dp import ClippedUpdateFold, SiloLevelDp
@@ -80,7 +81,8 @@ def test_a_dropped_silo_does_not_raise_the_others_weight() -> None:
 
 def _setup(weights: WeightMap, silos: int, connected: int) -> RoundSetup:
     names = tuple(f"s{i}" for i in range(silos))
-    return RoundSetup(1, names, connected, ModelVersion.of(weights), 30.0)
+    claims = RoundClaims.of(dict.fromkeys(names, (100, 10)))
+    return RoundSetup(1, names, connected, ModelVersion.of(weights), 30.0, claims)
 
 
 def test_the_inner_strategy_sees_the_clipped_average() -> None:

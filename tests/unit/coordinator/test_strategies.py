@@ -9,11 +9,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
 import torch
 
+from coordinator.claims import RoundClaims
+from coordinator.robust_folds import KrumFold, MedianFold, TrimmedMeanFold
+from coordinator.round_fold import WeightedMeanFold
+from coordinator.round_plan import RoundSetup
 from coordinator.strategies import (
     FedAdagrad,
     FedAdam,
@@ -25,7 +30,8 @@ from coordinator.strategies import (
     StrategyWrapper,
     build_strategy,
 )
-from gptfl.job_spec import StrategySpec, strategy_spec
+from coordinator.tasks import ModelVersion
+from gptfl.job_spec import ROBUST_STRATEGIES, StrategyName, StrategySpec, strategy_spec
 from gptfl.task import LocalSettings
 from gptfl.weights import WeightMap
 from gptfl.weights_io import load_weights, save_weights
@@ -83,7 +89,7 @@ def _avgm_reference(w0: Arrays, averages: list[Arrays]) -> list[Arrays]:
 
 
 def _spec(name: str) -> StrategySpec:
-    if name in ("fedavg", "fedprox"):
+    if name in ("fedavg", "fedprox", *ROBUST_STRATEGIES):
         return strategy_spec(name=name)
     if name == "fedavgm":
         return strategy_spec(name=name, server_learning_rate=ETA, server_momentum=MOMENTUM)
@@ -209,8 +215,29 @@ def test_fedprox_sends_mu_and_averages_like_fedavg() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+    ("spec", "fold"),
+    [
+        (strategy_spec(name="fedavg"), WeightedMeanFold),
+        (strategy_spec(name="fedadam"), WeightedMeanFold),
+        (strategy_spec(name="fedmedian"), MedianFold),
+        (strategy_spec(name="fedtrimmedavg", beta=0.3), TrimmedMeanFold),
+        (strategy_spec(name="krum", num_byzantine=1, num_selected=2), KrumFold),
+    ],
 )
+def test_each_strategy_folds_its_rounds_its_own_way(spec: StrategySpec, fold: type) -> None:
+    weights = _torch(_rng_arrays(0))
+    claims = RoundClaims.of({"a": (10, 1), "b": (20, 1)})
+    setup = RoundSetup(1, ("a", "b"), 2, ModelVersion.of(weights), 30.0, claims)
+    made = build_strategy(spec).round_fold(setup)
+    assert type(made) is fold
+    assert made.expected == ModelVersion.of(weights).manifest.specs
+    if isinstance(made, TrimmedMeanFold):
+        assert made.beta == 0.3
+    if isinstance(made, KrumFold):
+        assert (made.num_byzantine, made.num_selected) == (1, 2)
+
+
+@pytest.mark.parametrize("name", get_args(StrategyName))
 def test_dtypes_are_preserved_and_unaveraged_tensors_kept(name: str) -> None:
     strategy = build_strategy(_spec(name))
     global_weights = {
@@ -218,7 +245,7 @@ def test_dtypes_are_preserved_and_unaveraged_tensors_kept(name: str) -> None:
         "b": torch.randn(4).to(torch.bfloat16),
         "steps": torch.tensor(7),
     }
-    # the average comes from RunningSum: float32, and only the floating-point tensors
+    # the average comes from the round's fold: float32, and only the floating-point tensors
     average = {"w": torch.randn(3, 4), "b": torch.randn(4)}
     new = strategy.apply(global_weights, average)
     assert new["w"].dtype == torch.float16

@@ -371,3 +371,27 @@ def test_a_failed_upload_can_be_sent_again_or_the_task_pulled_again() -> None:
     board.claim(task)  # a retried upload, straight after the failure
     board.finish(task, TaskStatus.DONE)
     assert board.pull("a", 0) is None  # the re-queued entry of a finished task is skipped
+
+
+def test_a_task_refused_too_often_for_one_reason_is_closed() -> None:
+    board = TaskBoard()
+    task = _task("a")
+    board.publish([task])
+    board.pull("a", 0)
+    for _ in range(2):
+        board.claim(task)
+        assert not board.refuse(task, "non_finite", "NaN in w", limit=3)
+        assert board.pull("a", 0) is task  # released: pulled (or uploaded) again
+    assert not board.refuse(task, "excess_claim", "too many", limit=3)  # another reason
+    board.claim(task)
+    assert board.refuse(task, "non_finite", "NaN in w", limit=3)
+    assert task.status is TaskStatus.REJECTED and task.status.finished
+    assert task.decline_reason == "refused 3 times (non_finite): NaN in w"
+    assert board.pull("a", 0) is None
+    with pytest.raises(StaleTaskError, match="is rejected"):
+        board.lookup("a", task.task_id, None)
+    assert not board.refuse(task, "non_finite", "NaN in w", limit=3)  # already closed
+    assert task.refusals == {"non_finite": 4, "excess_claim": 1}
+    board.retire([task])
+    with pytest.raises(StaleTaskError, match="is rejected"):
+        board.lookup("a", task.task_id, None)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from gptfl.config_loading import parse_config
 from gptfl.data.sources import SklearnDigitsSource
 from gptfl.errors import ConfigError
-from gptfl.job_spec import JobSpec, load_job_spec, parse_job_spec, strategy_spec
+from gptfl.job_spec import JobSpec, StrategyName, load_job_spec, parse_job_spec, strategy_spec
 
 MINIMAL = """\
 name: digits-1
@@ -69,9 +70,7 @@ def test_silos_per_round_outside_the_range_is_refused(value: str) -> None:
     assert message.startswith("job.yaml: silos_per_round: "), message
 
 
-@pytest.mark.parametrize(
-    "name", ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
-)
+@pytest.mark.parametrize("name", get_args(StrategyName))
 def test_every_strategy_name_is_accepted(name: str) -> None:
     assert parse_job_spec(MINIMAL + f"strategy: {{name: {name}}}\n").strategy.name == name
 
@@ -107,6 +106,9 @@ def test_unknown_keys_are_named(extra: str, key: str) -> None:
         ("{name: fedprox, server_momentum: 0.5}", "server_momentum"),
         ("{name: fedavgm, tau: 0.5}", "tau"),
         ("{name: fedyogi, server_momentum: 0.5}", "server_momentum"),
+        ("{name: fedmedian, beta: 0.1}", "beta"),
+        ("{name: fedtrimmedavg, num_byzantine: 1}", "num_byzantine"),
+        ("{name: krum, beta: 0.1}", "beta"),
     ],
 )
 def test_a_setting_the_named_strategy_does_not_use_is_refused(strategy: str, key: str) -> None:
@@ -454,3 +456,46 @@ def test_privacy_options_parse() -> None:
     )
     assert spec.require_dp is not None and spec.require_dp.max_epsilon == 8
     assert spec.silo_level_dp is not None and spec.silo_level_dp.delta == 1e-5
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("max_weight_fraction: 0\n", "max_weight_fraction: Input should be greater than 0"),
+        ("max_weight_fraction: 1.5\n", "max_weight_fraction: Input should be less than or equal"),
+        ("update_bounds: {action: clip}\n", "update_bounds: give max_norm, max_norm_vs_median"),
+        ("update_bounds: {max_norm: -1}\n", "update_bounds.max_norm: Input should be greater"),
+        ("update_bounds: {max_norm: 1, action: drop}\n", "update_bounds.action: Input should be"),
+        ("update_bounds: {max_norm_vs_median: 0.5}\n", "update_bounds.max_norm_vs_median"),
+        ("max_failed_rounds: -1\n", "max_failed_rounds"),
+        ("max_task_rejections: 0\n", "max_task_rejections"),
+        ("strategy: {name: fedtrimmedavg, beta: 0.5}\n", "strategy.beta: Input should be less"),
+        ("strategy: {name: krum, num_selected: 0}\n", "strategy.num_selected"),
+        (
+            "strategy: {name: fedmedian}\nsilo_level_dp: {clip_norm: 1, noise_multiplier: 1}\n",
+            "<root>: silo_level_dp averages clipped updates itself, so it cannot run with the "
+            "robust "
+            "strategy 'fedmedian'",
+        ),
+    ],
+)
+def test_hostile_silo_options_are_validated(section: str, expected: str) -> None:
+    assert _error(MINIMAL + section).startswith(f"job.yaml: {expected}")
+
+
+def test_hostile_silo_options_parse_with_their_defaults() -> None:
+    spec = parse_job_spec(MINIMAL)
+    assert (spec.max_weight_fraction, spec.update_bounds) == (None, None)
+    assert (spec.max_failed_rounds, spec.max_task_rejections) == (0, 3)
+    spec = parse_job_spec(
+        MINIMAL
+        + "max_weight_fraction: 0.3\n"
+        + "update_bounds: {max_norm_vs_median: 4}\n"
+        + "strategy: {name: krum, num_byzantine: 2, num_selected: 3}\n"
+    )
+    assert spec.update_bounds is not None
+    assert (spec.update_bounds.action, spec.update_bounds.median_of) == ("reject", 3)
+    assert spec.strategy == strategy_spec(name="krum", num_byzantine=2, num_selected=3)
+    assert parse_job_spec(MINIMAL + "strategy: {name: fedtrimmedavg}\n").strategy == (
+        strategy_spec(name="fedtrimmedavg", beta=0.2)
+    )

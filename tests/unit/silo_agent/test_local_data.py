@@ -80,3 +80,24 @@ def test_the_training_count_is_known_before_any_image_is_read(
         _data(train={"kind": "npz", "path": npz}, eval={"kind": "npz", "path": npz})
     )
     assert separate.train_count() == 37  # a separate evaluation set takes nothing away
+
+
+@pytest.mark.parametrize("case", ["npz-held-out", "npz-all", "folder-and-npz", "digits"])
+def test_the_registered_counts_are_the_counts_a_task_trains_on(tmp_path: Path, case: str) -> None:
+    npz = tmp_path / "data.npz"
+    np.savez(npz, x=np.zeros((11, 8, 8), np.float32), y=np.zeros(11, np.int64))
+    folder = _image_folder(tmp_path / "images", {"cat": 3, "dog": 4})
+    sections: dict[str, dict[str, object]] = {
+        "npz-held-out": {"train": {"kind": "npz", "path": npz}, "eval_fraction": 0.25},
+        "npz-all": {"train": {"kind": "npz", "path": npz}, "eval_fraction": 0.0},
+        "folder-and-npz": {
+            "train": {"kind": "imagefolder", "path": folder},
+            "eval": {"kind": "npz", "path": npz},
+        },
+        "digits": {"train": {"kind": "sklearn-digits", "partition": {"index": 1, "count": 3}}},
+    }
+    data = LocalData(_data(**sections[case]))
+    registered = data.registered_counts  # counted before any image is read
+    assert registered[0] > 0
+    data.for_model(ModelSpec(arch="cnn-small", num_classes=10, in_channels=1, image_size=8))
+    assert data.counts() == registered
