@@ -182,6 +182,29 @@ DECLINE_KINDS = (
 )
 
 
+class SecureAggregationError(ValidationError):
+    """A secure-aggregation message breaks the protocol: a replay from another round, a peer
+    outside the round, shares a silo cannot hold, both kinds of share of one peer."""
+
+    reason = "secagg_protocol"
+
+
+class PeerKeyError(GptflError):
+    """A silo's advertised secure-aggregation keys are not signed by the key of a certificate
+    that chains to the CA and names that silo."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "secagg_auth"
+
+
+class BelowThresholdError(GptflError):
+    """Too few silos (or shares) remain for secure aggregation to go on: the round fails and
+    the global model is left as it was."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "secagg_threshold"
+
+
 class PkiError(GptflError):
     """Certificates or keys are missing, unreadable or inconsistent."""
 
