@@ -35,6 +35,12 @@ class RoundFold(ABC):
         whose floating-point tensors must be finite."""
         return False
 
+    def check(self, weights: Mapping[str, torch.Tensor], header: UpdateHeader) -> None:
+        """Raises a :class:`gptfl.errors.GptflError` when this verified update cannot be
+        folded (a masked input the round refuses); by default every one that matches
+        :attr:`expected` can. Called just before :meth:`fold`, under the same lock."""
+        return None
+
     @abstractmethod
     def fold(self, weights: Mapping[str, torch.Tensor], header: UpdateHeader) -> None:
         """Folds one verified update in; ``weights`` may be views into a reused buffer, so

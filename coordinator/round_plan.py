@@ -14,12 +14,21 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from coordinator.round_fold import RoundFold
 from coordinator.round_stages import Stage, StageResult, StageRunner
-from coordinator.tasks import ModelVersion
-from gptfl.fleet_messages import EvaluationReport
+from coordinator.tasks import ModelVersion, TaskRecord
+from gptfl.fleet_messages import EvaluationReport, SecAggSubmission
 from gptfl.task import TaskKind
+
+
+class StageExchange(Protocol):
+    """What takes a round's key-stage answers (a secure-aggregation round's protocol)."""
+
+    def receive(self, task: TaskRecord, submission: SecAggSubmission) -> None:
+        """Checks and takes ``task``'s answer; raises a GptflError and changes nothing when it
+        is refused. Called under the intake's fold lock."""
 
 
 @dataclass
@@ -28,6 +37,8 @@ class RoundProgress:
 
     number: int
     fold: RoundFold
+    #: takes the answers to the round's key stages (None: the round has none)
+    exchange: StageExchange | None = None
     loss_sum: float = 0.0
     slowest_train_s: float = 0.0
     rejected: int = 0
@@ -42,6 +53,25 @@ class RoundProgress:
 
 
 @dataclass(frozen=True)
+class StageStatus:
+    """Where a round with several stages is, for ``gptfl admin status``.
+
+    Attributes:
+        stage: the stage in progress.
+        silos: the silos still in the round (for secure aggregation: the survivors so far).
+        dropped: silos that dropped out of it since it began.
+    """
+
+    stage: str
+    silos: tuple[str, ...]
+    dropped: tuple[str, ...] = ()
+
+
+def _unreported(status: StageStatus) -> None:
+    """The report of a setup nobody watches (tests)."""
+
+
+@dataclass(frozen=True)
 class RoundSetup:
     """What a planner is told about the round to plan."""
 
@@ -52,13 +82,16 @@ class RoundSetup:
     connected: int
     global_model: ModelVersion
     deadline_s: float
+    #: where a plan says which stage it is at (shown by ``gptfl admin status``)
+    report: Callable[[StageStatus], None] = _unreported
 
 
 class RoundPlan(ABC):
     """One round's way of gathering updates."""
 
-    def __init__(self, fold: RoundFold) -> None:
+    def __init__(self, fold: RoundFold, exchange: StageExchange | None = None) -> None:
         self.fold = fold
+        self.exchange = exchange
 
     @abstractmethod
     def gather(self, stages: StageRunner) -> StageResult:

@@ -28,6 +28,7 @@ from gptfl.errors import (
     UnknownTaskError,
 )
 from gptfl.models.spec import ModelSpec
+from gptfl.secagg.messages import SecAggTask
 from gptfl.task import LocalSettings, TaskKind, TaskSpec
 from gptfl.weights import Manifest, WeightMap, manifest_and_crcs
 
@@ -78,6 +79,8 @@ class TaskRecord:
     decline_reason: str = ""
     #: the silo named this task in a call since it was last dispatched, so it holds it
     taken: bool = False
+    #: its part in a secure-aggregation round (set by the stage before it is published)
+    secagg: SecAggTask | None = None
 
     def spec(self) -> TaskSpec:
         """What the silo is told about this task."""
@@ -91,6 +94,7 @@ class TaskRecord:
             local=self.local,
             deadline_unix=self.deadline_unix,
             rounds=self.rounds,
+            secagg=self.secagg,
         )
 
 

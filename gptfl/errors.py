@@ -178,6 +178,7 @@ DECLINE_KINDS = (
     "privacy_budget",  # the task would exceed the silo's privacy budget
     "no_data",  # the silo holds no data for the task (e.g. no evaluation split)
     "failed",  # the silo tried and failed (details stay in the silo's log)
+    "secure_aggregation",  # what the coordinator relayed breaks the protocol (reason says how)
     "other",
 )
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from gptfl.errors import ConfigError, SecureAggregationError
 from gptfl.secagg.encoding import frame
+from gptfl.secagg.quantization import FixedPoint
+from gptfl.secagg.ring import Ring
 from gptfl.secagg.shamir import Share
 
 _CONTEXT_LABEL = b"gptfl-secagg-round-v1"
@@ -147,3 +149,67 @@ class UnmaskReply:
     silo_id: str
     mask_key_shares: Mapping[str, Share]
     self_mask_shares: Mapping[str, Share]
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """A secure-aggregation job's settings, as every task of its rounds carries them.
+
+    Attributes:
+        threshold: see :class:`ProtocolSettings`.
+        bits: the ring's width (:class:`gptfl.secagg.ring.Ring`).
+        clip_range: the silo clips each update value to ``[-clip_range, clip_range]``.
+        max_silos: the most silos a round sums (the quantizer's headroom).
+        neighbours: see :class:`ProtocolSettings`; None for the complete graph.
+
+    Raises:
+        ConfigError: settings that do not fit together (see :meth:`check`).
+    """
+
+    threshold: int
+    bits: int
+    clip_range: float
+    max_silos: int
+    neighbours: int | None = None
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raises ConfigError unless the ring, the quantizer and the protocol can be built,
+        and the rounds can hold the threshold."""
+        self.quantizer()
+        self.protocol()
+        if self.max_silos < self.threshold:
+            raise ConfigError(
+                f"secure aggregation max_silos {self.max_silos} is below the threshold "
+                f"{self.threshold}: no round could finish"
+            )
+
+    def protocol(self) -> ProtocolSettings:
+        return ProtocolSettings(threshold=self.threshold, neighbours=self.neighbours)
+
+    def ring(self) -> Ring:
+        return Ring(self.bits)
+
+    def quantizer(self) -> FixedPoint:
+        return FixedPoint(self.ring(), self.clip_range, self.max_silos)
+
+
+@dataclass(frozen=True)
+class SecAggTask:
+    """What a task of a secure-aggregation round carries besides the task itself.
+
+    Which stage it belongs to is the task's kind; each stage fills its own field.
+
+    Attributes:
+        settings: the job's settings.
+        advertisements: share stage: every silo's keys, as relayed.
+        envelopes: masked-input (train) stage: the shares sealed to this silo.
+        unmask: unmask stage: the coordinator's request.
+    """
+
+    settings: SecAggSettings
+    advertisements: tuple[KeyAdvertisement, ...] = ()
+    envelopes: tuple[ShareEnvelope, ...] = ()
+    unmask: UnmaskRequest | None = None

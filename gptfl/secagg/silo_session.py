@@ -16,9 +16,11 @@ mask key, and the other way round, for as long as the round lasts.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.hazmat.primitives.serialization import PublicFormat as _PublicFormat
@@ -109,6 +111,11 @@ class SiloSession:
         #: the bundles this silo holds, by whose secrets they share (its own included)
         self._held: dict[str, ShareBundle] = {}
         self._revealed: dict[str, _RevealedKind] = {}
+        #: what the share and mask steps answered, for a repeat of the same request
+        self._shared: tuple[tuple[KeyAdvertisement, ...], list[ShareEnvelope]] | None = None
+        #: the digest of the input masked (a repeat is masked again, not stored)
+        self._masked_digest: bytes | None = None
+        self._mask_peers: tuple[str, ...] = ()
 
     @property
     def silo_id(self) -> str:
@@ -117,6 +124,16 @@ class SiloSession:
     @property
     def context(self) -> RoundContext:
         return self._context
+
+    @property
+    def num_examples(self) -> int:
+        """The sample count this silo advertises (its weight in the sum)."""
+        return self._num_examples
+
+    @property
+    def advertisement(self) -> KeyAdvertisement | None:
+        """The silo's signed keys, once advertised."""
+        return self._own
 
     @property
     def weight(self) -> float:
@@ -151,7 +168,8 @@ class SiloSession:
                 own included, unchanged).
 
         Returns:
-            One envelope per neighbour.
+            One envelope per neighbour. The same relay again (a lost reply) gets the same
+            envelopes; any other relay after the first is refused.
 
         Raises:
             PeerKeyError: a peer's keys are not signed by that peer's certificate.
@@ -160,6 +178,12 @@ class SiloSession:
             BelowThresholdError: fewer silos (or, in a sparse graph, neighbours) than the
                 threshold.
         """
+        if self._shared is not None and self.step is SiloStep.SHARED:
+            if tuple(advertisements) == self._shared[0]:
+                return list(self._shared[1])
+            raise SecureAggregationError(
+                f"{self.silo_id} already shared its keys for other relayed keys this round"
+            )
         self._expect(SiloStep.ADVERTISED, "share keys")
         assert self._own is not None
         peers = self._check_advertisements(advertisements)
@@ -193,8 +217,9 @@ class SiloSession:
             sealed = seal(key, bundle, context=self._ctx(), sender=self.silo_id, receiver=holder)
             envelopes.append(ShareEnvelope(self._context.round, self.silo_id, holder, sealed))
         self._peers, self._points, self._graph, self._held = peers, points, graph, held
+        self._shared = (tuple(advertisements), envelopes)
         self.step = SiloStep.SHARED
-        return envelopes
+        return list(envelopes)
 
     def _check_advertisements(
         self, advertisements: Sequence[KeyAdvertisement]
@@ -237,7 +262,9 @@ class SiloSession:
             values: the silo's quantized input (not changed).
 
         Returns:
-            The masked input.
+            The masked input. The same input again (an upload sent anew) gets the same
+            masked input; a different one is refused, since two inputs under the same masks
+            would give their difference away.
 
         Raises:
             SecureAggregationError: a replay, an envelope for another silo, from a silo that
@@ -246,6 +273,12 @@ class SiloSession:
             BelowThresholdError: fewer than the threshold of this silo's neighbours (itself
                 included) remain.
         """
+        if self._masked_digest is not None:
+            if _digest(values) == self._masked_digest:
+                return self._apply_masks(values)
+            raise SecureAggregationError(
+                f"{self.silo_id} already masked another input this round; it masks one only"
+            )
         self._expect(SiloStep.SHARED, "mask its input")
         me = self.silo_id
         received: dict[str, ShareBundle] = {}
@@ -280,16 +313,25 @@ class SiloSession:
                 f"{len(received) + 1} of {me}'s neighbourhood shared keys, threshold "
                 f"{self._settings.threshold}"
             )
-        masked = self._ring.check(values, length=len(values), what="the input to mask").copy()
+        self._ring.check(values, length=len(values), what="the input to mask")
+        self._held.update(received)
+        self._mask_peers = tuple(sorted(received))
+        self._masked_digest = _digest(values)
+        masked = self._apply_masks(values)
+        self.step = SiloStep.MASKED
+        log.debug("masked input of %s with %d pairwise masks", me, len(received))
+        return masked
+
+    def _apply_masks(self, values: RingVector) -> RingVector:
+        """``values`` plus the self mask and the pairwise masks with :attr:`_mask_peers`."""
+        me = self.silo_id
+        masked = values.copy()
         apply_mask(masked, self._self_seed, self._ring, sign=1)
-        for peer in sorted(received):
+        for peer in self._mask_peers:
             seed = pairwise_seed(
                 self._mask_key, self._peers[peer].mask_public, context=self._ctx(), me=me, peer=peer
             )
             apply_mask(masked, seed, self._ring, sign=pairwise_sign(me, peer))
-        self._held.update(received)
-        self.step = SiloStep.MASKED
-        log.debug("masked input of %s with %d pairwise masks", me, len(received))
         return masked
 
     # ------------------------------------------------------------------ stage 4
@@ -380,3 +422,7 @@ class SiloSession:
             raise SecureAggregationError(
                 f"{self.silo_id} cannot {action}: its round is at step {self.step.value}"
             )
+
+
+def _digest(values: RingVector) -> bytes:
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).digest()
