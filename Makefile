@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+#: e.g. `make demo DEMO_ARGS=--secure-aggregation`
+DEMO_ARGS ?=
 
 .PHONY: demo test venv protos lint typecheck images charts clean
 
@@ -12,7 +14,7 @@ venv: $(VENV)/.installed-dev
 
 ## demo: the embedded end-to-end job (coordinator + silo agents as processes, mTLS, loopback)
 demo: venv
-	$(PY) -m gptfl.cli.main demo
+	$(PY) -m gptfl.cli.main demo $(DEMO_ARGS)
 
 ## test: lint, type check and the whole test suite (pytest exit 5, "no tests ran", fails)
 test: venv lint typecheck

@@ -68,8 +68,9 @@ class UpdateLayout:
                     raise ManifestMismatchError(
                         f"the {where} model has no tensor {spec.name!r} of shape {spec.shape}"
                     )
-            delta = weights[spec.name].detach().cpu().double() - global_weights[spec.name].double()
-            out[position : position + size] = delta.reshape(-1).numpy()
+            trained = _as_numpy(weights[spec.name])
+            base = _as_numpy(global_weights[spec.name])
+            np.subtract(trained, base, out=out[position : position + size], dtype=np.float64)
             position += size
         return out
 
@@ -88,3 +89,11 @@ class UpdateLayout:
             out[spec.name] = (base.double() + piece).to(base.dtype)
             position += size
         return out
+
+
+def _as_numpy(tensor: torch.Tensor) -> npt.NDArray[np.floating]:
+    """A flat numpy view of a float tensor (bfloat16, which numpy lacks, as float32)."""
+    flat = tensor.detach().cpu().reshape(-1)
+    if flat.dtype is torch.bfloat16:
+        flat = flat.float()
+    return flat.numpy()

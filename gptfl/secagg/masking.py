@@ -32,6 +32,7 @@ PUBLIC_KEY_BYTES = 32
 _STREAM_NONCE = bytes(16)
 _MASK_LABEL = b"gptfl-secagg-mask-v1"
 _EXPAND_PIECE = 1 << 22
+_ZEROS = memoryview(bytes(_EXPAND_PIECE))
 
 
 def new_seed() -> bytes:
@@ -120,12 +121,11 @@ def expand(seed: bytes, ring: Ring, length: int) -> RingVector:
     encryptor = Cipher(algorithms.ChaCha20(seed, _STREAM_NONCE), mode=None).encryptor()
     stream = bytearray(length * ring.word_bytes)
     view = memoryview(stream)
-    zeros = bytes(min(len(stream), _EXPAND_PIECE))
     # The keystream is the encryption of zeros, made a piece at a time so a large model
     # needs no second model-sized buffer.
     for start in range(0, len(stream), _EXPAND_PIECE):
         piece = view[start : start + _EXPAND_PIECE]
-        encryptor.update_into(zeros[: len(piece)], piece)
+        encryptor.update_into(_ZEROS[: len(piece)], piece)
     return ring.reduce(np.frombuffer(stream, dtype=ring.dtype))
 
 

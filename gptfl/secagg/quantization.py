@@ -97,10 +97,9 @@ class FixedPoint:
             raise NonFiniteError("an update to quantize holds NaN or infinite values")
         c = self.clip_range
         x = np.clip(x, -c, c)
-        if weight != 1.0:
-            x *= weight
-        x += c
-        x /= self.step
+        # (x * weight + c) / step, in two passes over the vector
+        x *= weight / self.step
+        x += c / self.step
         np.rint(x, out=x)
         np.clip(x, 0, self.levels, out=x)  # float rounding never leaves the range
         return x.astype(self.ring.dtype)

@@ -445,9 +445,7 @@ class ServerSession:
     def _require(self, count: int, what: str) -> None:
         if count < self.threshold:
             self.stage = ServerStage.FAILED
-            raise BelowThresholdError(
-                f"round {self.context.round}: {count} {what}, threshold {self.threshold}"
-            )
+            raise BelowThresholdError(f"{count} {what}, threshold {self.threshold}")
 
 
 def _is_repeat(accepted: Mapping[str, object], sender: str, message: object, what: str) -> bool:
