@@ -95,7 +95,11 @@ class Federation:
     stops: dict[str, threading.Event] = field(default_factory=dict)
 
     def start(
-        self, *, silos: tuple[str, ...] = SILOS, dying: Mapping[str, DiesAfter] | None = None
+        self,
+        *,
+        silos: tuple[str, ...] = SILOS,
+        dying: Mapping[str, DiesAfter] | None = None,
+        privacy: Mapping[str, Any] | None = None,
     ) -> None:
         files = participant_files(self.pki_dir, "coordinator")
         self.coordinator = start_coordinator(
@@ -109,9 +113,16 @@ class Federation:
         )
         for plan in PLANS:
             if plan.silo_id in silos:
-                self._start_silo(plan.silo_id, plan.data, (dying or {}).get(plan.silo_id))
+                dies_after = (dying or {}).get(plan.silo_id)
+                self._start_silo(plan.silo_id, plan.data, dies_after, privacy)
 
-    def _start_silo(self, silo: str, data: Mapping[str, Any], dies_after: DiesAfter | None) -> None:
+    def _start_silo(
+        self,
+        silo: str,
+        data: Mapping[str, Any],
+        dies_after: DiesAfter | None,
+        privacy: Mapping[str, Any] | None,
+    ) -> None:
         assert self.coordinator is not None
         files = participant_files(self.pki_dir, "silo", silo)
         address = f"127.0.0.1:{self.coordinator.fleet.port}"
@@ -122,6 +133,7 @@ class Federation:
             data=data,  # type: ignore[arg-type]
             device="cpu",
             poll_wait_s=1.0,
+            privacy=privacy,  # type: ignore[arg-type]
         )
         stop = threading.Event()
 
@@ -286,3 +298,18 @@ def test_three_of_five_killed_below_the_threshold_fail_the_round_and_keep_the_mo
     assert status.rounds == []
     start = _initial_model()
     assert all(torch.equal(model[k], start[k]) for k in start)
+
+
+def test_dp_sgd_at_the_silos_composes_with_secure_aggregation(federation: Any) -> None:
+    """Each silo clips and noises its training (DP-SGD, its own ledger), then masks the
+    private model's update: the round unmasks, and every silo's spend is reported."""
+    secure = federation("secure-dp")
+    secure.start(privacy={"target_epsilon": 8.0, "target_delta": 1e-5, "max_grad_norm": 1.0})
+    status, model = secure.run_job(_spec(secagg=True, rounds=2))
+    assert status.phase == "finished", status.message
+    assert status.stage == "secure aggregation: unmasked" and status.stage_silos == SILOS
+    assert [r.updates_accepted for r in status.rounds] == [5, 5]
+    spent = {p.silo_id: p for p in status.privacy}
+    assert set(spent) == set(SILOS)
+    assert all(0 < p.epsilon <= 8.0 and p.accountant == "rdp" for p in spent.values())
+    assert _largest_difference(model, _initial_model()) > 1e-3
