@@ -398,16 +398,21 @@ class JobRunner:
 
     def _report_stage(self, status: StageStatus) -> None:
         """A plan's stage, for the status: the message and the stage fields."""
-        dropped = f"; dropped: {', '.join(status.dropped)}" if status.dropped else ""
+        dropped = f", {len(status.dropped)} dropped" if status.dropped else ""
         with self._lock:
             self.state.stage = status.stage
             self.state.stage_silos = list(status.silos)
             self.state.stage_dropped = list(status.dropped)
             self.state.message = (
-                f"round {self.state.round}: {status.stage}, {len(status.silos)} silos "
-                f"({', '.join(status.silos)}){dropped}"
+                f"round {self.state.round}: {status.stage}, {len(status.silos)} silos{dropped}"
             )
-        log.info("job %s: %s", self.job_id, self.state.message)
+        log.info(
+            "job %s: %s (%s)%s",
+            self.job_id,
+            self.state.message,
+            ", ".join(status.silos),
+            f"; dropped: {', '.join(status.dropped)}" if status.dropped else "",
+        )
 
     def _close_round(
         self, number: int, started: float, progress: RoundProgress, gathered: StageResult

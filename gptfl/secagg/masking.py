@@ -31,8 +31,9 @@ PUBLIC_KEY_BYTES = 32
 # stream only, so it may start at zero.
 _STREAM_NONCE = bytes(16)
 _MASK_LABEL = b"gptfl-secagg-mask-v1"
-_EXPAND_PIECE = 1 << 22
-_ZEROS = memoryview(bytes(_EXPAND_PIECE))
+#: the keystream is made and added this many bytes at a time
+_BLOCK_BYTES = 1 << 18
+_ZEROS = memoryview(bytes(_BLOCK_BYTES))
 
 
 def new_seed() -> bytes:
@@ -116,23 +117,28 @@ def expand(seed: bytes, ring: Ring, length: int) -> RingVector:
     The keystream is uniform over words, and the ring's modulus divides the word's, so the
     elements are uniform over the ring.
     """
-    if len(seed) != SEED_BYTES:
-        raise ValueError(f"a seed must be {SEED_BYTES} bytes, got {len(seed)}")
-    encryptor = Cipher(algorithms.ChaCha20(seed, _STREAM_NONCE), mode=None).encryptor()
-    stream = bytearray(length * ring.word_bytes)
-    view = memoryview(stream)
-    # The keystream is the encryption of zeros, made a piece at a time so a large model
-    # needs no second model-sized buffer.
-    for start in range(0, len(stream), _EXPAND_PIECE):
-        piece = view[start : start + _EXPAND_PIECE]
-        encryptor.update_into(_ZEROS[: len(piece)], piece)
-    return ring.reduce(np.frombuffer(stream, dtype=ring.dtype))
+    out = ring.zeros(length)
+    apply_mask(out, seed, ring, sign=1)
+    return out
 
 
 def apply_mask(total: RingVector, seed: bytes, ring: Ring, *, sign: int) -> None:
-    """Adds (``sign`` +1) or subtracts (-1) the mask expanded from ``seed``, in place."""
-    mask = expand(seed, ring, len(total))
-    if sign > 0:
-        ring.add_into(total, mask)
-    else:
-        ring.subtract_into(total, mask)
+    """Adds (``sign`` +1) or subtracts (-1) the mask expanded from ``seed``, in place.
+
+    The keystream (the encryption of zeros) is made and added a block at a time, into one
+    small buffer: no model-sized mask is ever held, and each block is added while it is in
+    the CPU's cache.
+    """
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"a seed must be {SEED_BYTES} bytes, got {len(seed)}")
+    encryptor = Cipher(algorithms.ChaCha20(seed, _STREAM_NONCE), mode=None).encryptor()
+    words = _BLOCK_BYTES // ring.word_bytes
+    buffer = bytearray(_BLOCK_BYTES)
+    block = np.frombuffer(buffer, dtype=ring.dtype)
+    combine = np.add if sign > 0 else np.subtract
+    for start in range(0, len(total), words):
+        part = total[start : start + words]
+        count = len(part)
+        encryptor.update_into(_ZEROS[: count * ring.word_bytes], buffer)
+        combine(part, block[:count], out=part)
+    ring.reduce(total)
