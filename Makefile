@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+#: e.g. `make demo DEMO_ARGS=--secure-aggregation`
+DEMO_ARGS ?=
 
 .PHONY: demo demo-dp test venv protos lint typecheck images charts clean
 
@@ -12,7 +14,7 @@ venv: $(VENV)/.installed-dev
 
 ## demo: the embedded end-to-end job (coordinator + silo agents as processes, mTLS, loopback)
 demo: venv
-	$(PY) -m gptfl.cli.main demo
+	$(PY) -m gptfl.cli.main demo $(DEMO_ARGS)
 
 ## demo-dp: the same comparison with DP-SGD at every silo (epsilon 8, delta 1e-5 per silo and job)
 demo-dp: venv

@@ -68,6 +68,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             summary_json=json.dumps(view.summary) if view.summary is not None else "",
         )
         if view.state is not None:
+            reply.stage = view.state.stage
+            reply.stage_silos.extend(view.state.stage_silos)
+            reply.stage_dropped.extend(view.state.stage_dropped)
             spent = view.state.silo_level_privacy
             if spent:
                 reply.silo_level_epsilon = spent["epsilon"]

@@ -169,6 +169,14 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         return fleet_pb2.Ack()
 
     @maps_errors
+    def SubmitSecAgg(
+        self, request: fleet_pb2.SecAggSubmission, context: grpc.ServicerContext
+    ) -> fleet_pb2.Ack:
+        silo = self._silo(context)
+        self._jobs.active().intake.receive_secagg(silo, serde.secagg_submission_from_pb(request))
+        return fleet_pb2.Ack()
+
+    @maps_errors
     def DeclineTask(
         self, request: fleet_pb2.DeclineTaskRequest, context: grpc.ServicerContext
     ) -> fleet_pb2.Ack:

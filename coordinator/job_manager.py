@@ -23,12 +23,15 @@ from coordinator.job_state import ENDED_FILE, JobState, Phase
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pretrain_phase import SynthAccess, run_pretrain_phase
 from coordinator.report import build_summary, export_job
+from coordinator.round_plan import RoundPlanner, plain_round
+from coordinator.secagg_round import secure_round_planner
 from coordinator.silo_registry import SiloRegistry
 from coordinator.tasks import ModelVersion, TaskBoard
 from gptfl import atomic_io
 from gptfl.errors import ConfigError, GptflError, JobStateError
 from gptfl.job_spec import JobSpec, parse_job_spec
 from gptfl.models import build_model
+from gptfl.secagg.authentication import PeerVerifier
 from gptfl.weights import WeightMap
 
 log = logging.getLogger(__name__)
@@ -80,11 +83,14 @@ class JobManager:
         checkpoints_to_keep: int = 3,
         initial_model: InitialModel | None = None,
         synth: SynthAccess | None = None,
+        silo_ca: Path | None = None,
     ) -> None:
         """Args (beyond the shared state): ``initial_model`` overrides where every job's
         first model comes from (tests, benchmarks); by default it is the spec's file, the
         pretrain phase through ``synth`` (None: jobs with a ``pretrain`` section are refused),
-        or a random initialisation."""
+        or a random initialisation. ``silo_ca`` is the CA the silos' certificates chain to
+        (the fleet's mutual TLS); secure-aggregation jobs need it, and the coordinator checks
+        the silos' signed keys against it (None: such jobs are refused)."""
         if initial_model is None:
             initial_model = (
                 initial_model_with_pretrain(synth) if synth is not None else default_initial_model
@@ -99,6 +105,7 @@ class JobManager:
         self._stall_timeout_s = upload_stall_timeout_s
         self._keep = checkpoints_to_keep
         self._initial_model = initial_model
+        self._silo_ca = silo_ca
         self._lock = threading.Lock()
         self._runner: JobRunner | None = None
         self._last: JobRunner | None = None
@@ -114,6 +121,7 @@ class JobManager:
         build_model(spec.model)
         self._check_quorum(spec)
         self._check_pretrain(spec)
+        self._check_secure_aggregation(spec)
         evaluator = _evaluator_for(spec)
         ending = self._runner
         if ending is not None and ending.state.phase.terminal:
@@ -165,6 +173,20 @@ class JobManager:
         if self._synth is None:
             raise ConfigError("this coordinator cannot run jobs with a pretrain section")
         self._synth.target(spec.pretrain)  # raises when no synth service is named anywhere
+
+    def _check_secure_aggregation(self, spec: JobSpec) -> None:
+        if spec.secagg_enabled() is not None and self._silo_ca is None:
+            raise ConfigError(
+                "secure_aggregation needs mutual TLS (silos sign their keys with their "
+                "certificates); this coordinator runs without it"
+            )
+
+    def _round_planner(self, job_id: str, spec: JobSpec) -> RoundPlanner:
+        secagg = spec.secagg_enabled()
+        if secagg is None:
+            return plain_round
+        verifier = PeerVerifier.from_ca_file(self._silo_ca) if self._silo_ca else None
+        return secure_round_planner(job_id, secagg, verifier)
 
     def stop(self, reason: str) -> str:
         with self._lock:
@@ -304,6 +326,7 @@ class JobManager:
             resume_from=checkpoint,
             evaluator=evaluator,
             on_end=self._ended,
+            round_planner=self._round_planner(job_id, spec),
         )
         self._runner = runner
         runner.start()

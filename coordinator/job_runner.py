@@ -41,7 +41,13 @@ from coordinator.job_strategy import strategy_for_job
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.report import export_job
 from coordinator.round_fold import RoundFold
-from coordinator.round_plan import RoundPlanner, RoundProgress, RoundSetup, plain_round
+from coordinator.round_plan import (
+    RoundPlanner,
+    RoundProgress,
+    RoundSetup,
+    StageStatus,
+    plain_round,
+)
 from coordinator.round_stages import Stage, StageResult, StageRunner
 from coordinator.silo_registry import SiloRegistry
 from coordinator.strategies import Strategy
@@ -50,7 +56,7 @@ from coordinator.update_intake import UpdateIntake
 from coordinator.update_norm import bound_for_round
 from coordinator.upload_slots import UploadSlots
 from gptfl import atomic_io
-from gptfl.errors import GptflError
+from gptfl.errors import BelowThresholdError, GptflError
 from gptfl.job_spec import JobSpec
 from gptfl.task import LocalSettings, TaskKind
 from gptfl.weights import WeightMap
@@ -393,9 +399,10 @@ class JobRunner:
             global_model=self._global,
             deadline_s=self.spec.round_deadline_s,
             claims=claims,
+            report=self._report_stage,
         )
         plan = self._plan_round(setup, self._strategy.round_fold(setup))
-        progress = RoundProgress(number, plan.fold, claims, norm_bound)
+        progress = RoundProgress(number, plan.fold, claims, norm_bound, exchange=plan.exchange)
         # The first upload's receive buffer, allocated (and its pages faulted in) while the
         # silos train rather than when their updates arrive.
         self._upload_slots.prepare(self._global.manifest.total_bytes)
@@ -410,13 +417,34 @@ class JobRunner:
         for silo in selected:  # a silo that never reports shows as behind, not as missing
             self._metrics.silo_last_round.labels(silo=silo).set(last_rounds.get(silo, 0))
         try:
-            gathered = plan.gather(self._stages)
+            try:
+                gathered = plan.gather(self._stages)
+            except BelowThresholdError as exc:  # secure aggregation lost too many silos
+                raise JobFailed(f"round {number}: {exc}; the global model is unchanged") from exc
             self._upload_slots.drop_spares()  # the receive buffers: no use until next round
             if self._stop.is_set():
                 return
             self._close_round(number, started, progress, gathered)
         finally:
             self.intake.close_round()
+
+    def _report_stage(self, status: StageStatus) -> None:
+        """A plan's stage, for the status: the message and the stage fields."""
+        dropped = f", {len(status.dropped)} dropped" if status.dropped else ""
+        with self._lock:
+            self.state.stage = status.stage
+            self.state.stage_silos = list(status.silos)
+            self.state.stage_dropped = list(status.dropped)
+            self.state.message = (
+                f"round {self.state.round}: {status.stage}, {len(status.silos)} silos{dropped}"
+            )
+        log.info(
+            "job %s: %s (%s)%s",
+            self.job_id,
+            self.state.message,
+            ", ".join(status.silos),
+            f"; dropped: {', '.join(status.dropped)}" if status.dropped else "",
+        )
 
     def _close_round(
         self, number: int, started: float, progress: RoundProgress, gathered: StageResult

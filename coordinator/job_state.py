@@ -121,6 +121,11 @@ class JobState:
     initialisation: dict[str, Any] = field(default_factory=dict)
     #: silo-level DP on the aggregate: settings and the (epsilon, delta) spent so far
     silo_level_privacy: dict[str, Any] = field(default_factory=dict)
+    #: a round of several stages (secure aggregation): the stage it is at, the silos still
+    #: in it and those that dropped out ("" and empty for a plain round)
+    stage: str = ""
+    stage_silos: list[str] = field(default_factory=list)
+    stage_dropped: list[str] = field(default_factory=list)
     created_unix: float = 0.0
     finished_unix: float | None = None
 
@@ -135,6 +140,9 @@ class JobState:
             "silos": {k: asdict(v) for k, v in sorted(self.silos.items())},
             "initialisation": self.initialisation,
             "silo_level_privacy": self.silo_level_privacy,
+            "stage": self.stage,
+            "stage_silos": list(self.stage_silos),
+            "stage_dropped": list(self.stage_dropped),
             "created_unix": self.created_unix,
             "finished_unix": self.finished_unix,
         }
@@ -151,6 +159,9 @@ class JobState:
             silos={k: SiloSummary(**v) for k, v in data.get("silos", {}).items()},
             initialisation=data.get("initialisation", {}),
             silo_level_privacy=data.get("silo_level_privacy", {}),
+            stage=data.get("stage", ""),
+            stage_silos=list(data.get("stage_silos", [])),
+            stage_dropped=list(data.get("stage_dropped", [])),
             created_unix=data.get("created_unix", 0.0),
             finished_unix=data.get("finished_unix"),
         )

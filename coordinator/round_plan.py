@@ -14,14 +14,23 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from coordinator.claims import RoundClaims
 from coordinator.round_fold import RoundFold
 from coordinator.round_stages import Stage, StageResult, StageRunner
-from coordinator.tasks import ModelVersion
+from coordinator.tasks import ModelVersion, TaskRecord
 from coordinator.update_norm import NormBound
-from gptfl.fleet_messages import EvaluationReport
+from gptfl.fleet_messages import EvaluationReport, SecAggSubmission
 from gptfl.task import TaskKind
+
+
+class StageExchange(Protocol):
+    """What takes a round's key-stage answers (a secure-aggregation round's protocol)."""
+
+    def receive(self, task: TaskRecord, submission: SecAggSubmission) -> None:
+        """Checks and takes ``task``'s answer; raises a GptflError and changes nothing when it
+        is refused. Called under the intake's fold lock."""
 
 
 @dataclass
@@ -34,6 +43,8 @@ class RoundProgress:
     claims: RoundClaims
     #: the bound on update norms (``update_bounds``), None without one
     norm_bound: NormBound | None = None
+    #: takes the answers to the round's key stages (None: the round has none)
+    exchange: StageExchange | None = None
     loss_sum: float = 0.0
     #: the examples behind ``loss_sum`` (a DP silo reports no training loss)
     loss_examples: int = 0
@@ -56,6 +67,25 @@ class RoundProgress:
 
 
 @dataclass(frozen=True)
+class StageStatus:
+    """Where a round with several stages is, for ``gptfl admin status``.
+
+    Attributes:
+        stage: the stage in progress.
+        silos: the silos still in the round (for secure aggregation: the survivors so far).
+        dropped: silos that dropped out of it since it began.
+    """
+
+    stage: str
+    silos: tuple[str, ...]
+    dropped: tuple[str, ...] = ()
+
+
+def _unreported(status: StageStatus) -> None:
+    """The report of a setup nobody watches (tests)."""
+
+
+@dataclass(frozen=True)
 class RoundSetup:
     """What a planner is told about the round to plan."""
 
@@ -69,13 +99,16 @@ class RoundSetup:
     #: the selected silos' bounds on what they claim; its ``max_total_weight`` bounds the
     #: round's folded weights
     claims: RoundClaims
+    #: where a plan says which stage it is at (shown by ``gptfl admin status``)
+    report: Callable[[StageStatus], None] = _unreported
 
 
 class RoundPlan(ABC):
     """One round's way of gathering updates."""
 
-    def __init__(self, fold: RoundFold) -> None:
+    def __init__(self, fold: RoundFold, exchange: StageExchange | None = None) -> None:
         self.fold = fold
+        self.exchange = exchange
 
     @abstractmethod
     def gather(self, stages: StageRunner) -> StageResult:

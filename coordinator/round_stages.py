@@ -37,12 +37,15 @@ class Stage:
         kind: the kind of task each silo gets.
         silos: the silos that take part, one task each.
         deadline_s: how long the stage waits for replies before it expires the rest.
+        prepare: called on each of the stage's tasks before it is published (what a
+            secure-aggregation stage relays to each silo goes into its task here).
     """
 
     name: str
     kind: TaskKind
     silos: tuple[str, ...]
     deadline_s: float
+    prepare: Callable[[TaskRecord], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ class StageRunner:
         counted; uploads still streaming for an expired task are ended.
         """
         tasks = self._make_tasks(stage.kind, stage.silos, time.time() + stage.deadline_s)
+        if stage.prepare is not None:
+            for task in tasks:
+                stage.prepare(task)
         log.debug("stage %s: %d tasks, deadline %.0fs", stage.name, len(tasks), stage.deadline_s)
         self._board.publish(tasks)
         deadline = time.monotonic() + stage.deadline_s

@@ -77,6 +77,7 @@ def start_coordinator(
         upload_stall_timeout_s=config.upload_stall_timeout_s,
         checkpoints_to_keep=config.checkpoints_to_keep,
         synth=SynthAccess.from_config(config),
+        silo_ca=tls.ca if tls is not None else None,
         **extra,
     )
     fleet_servicer = FleetServicer(

@@ -28,6 +28,7 @@ from gptfl.errors import (
     UnknownTaskError,
 )
 from gptfl.models.spec import ModelSpec
+from gptfl.secagg.messages import SecAggTask
 from gptfl.task import LocalSettings, TaskKind, TaskSpec
 from gptfl.weights import Manifest, WeightMap, manifest_and_crcs
 
@@ -86,6 +87,8 @@ class TaskRecord:
     taken: bool = False
     #: how often the silo's replies to this task were refused, by reason
     refusals: dict[str, int] = field(default_factory=dict)
+    #: its part in a secure-aggregation round (set by the stage before it is published)
+    secagg: SecAggTask | None = None
 
     def spec(self) -> TaskSpec:
         """What the silo is told about this task."""
@@ -99,6 +102,7 @@ class TaskRecord:
             local=self.local,
             deadline_unix=self.deadline_unix,
             rounds=self.rounds,
+            secagg=self.secagg,
         )
 
 

@@ -43,7 +43,7 @@ from gptfl.errors import (
     UpdateNormError,
     ValidationError,
 )
-from gptfl.fleet_messages import Decline, EvaluationReport, UpdateHeader
+from gptfl.fleet_messages import Decline, EvaluationReport, SecAggSubmission, UpdateHeader
 from gptfl.job_spec import RequireDpSpec
 from gptfl.task import TaskKind
 from gptfl.weights import Chunk, Manifest, PayloadReceiver, WeightMap, check_manifest, iter_chunks
@@ -316,6 +316,9 @@ class UpdateIntake:
         its last task is done sees that task's loss and example count.
         """
         with self.fold_lock:
+            if task.status.finished:
+                return False
+            progress.fold.check(weights, header)  # a refusal leaves the task open
             if not self._board.finish(task, TaskStatus.DONE):
                 return False
             progress.fold.fold(weights, header)
@@ -367,6 +370,35 @@ class UpdateIntake:
                     raise StaleTaskError(f"the evaluation of round {task.round} has closed")
                 with self._lock:
                     progress.evaluations[task.task_id] = report
+        except GptflError as exc:
+            self._count_rejection(silo_id, exc, task)
+            raise
+
+    def receive_secagg(self, silo_id: str, submission: SecAggSubmission) -> None:
+        """Hands a silo's answer to a secure-aggregation key stage to the round's protocol.
+
+        The task must be the silo's, open, of the kind the answer is for, and of the round in
+        progress; the protocol then checks the answer itself (a replay, a peer outside the
+        round, shares it may not hold, ...). A refused answer is counted by reason and leaves
+        the round as it was. A repeat of an answer that was taken is answered as done.
+        """
+        ended = self._board.ended_as(silo_id, submission.task_id)
+        if ended == (submission.kind, TaskStatus.DONE):
+            log.info("silo %s sent its answer to task %s again", silo_id, submission.task_id)
+            return
+        task: TaskRecord | None = None
+        try:
+            task = self._board.lookup(silo_id, submission.task_id, submission.kind)
+            progress = self._round
+            if progress is None or progress.exchange is None or task.round != progress.number:
+                raise StaleTaskError(
+                    f"task {task.task_id} is not part of a secure-aggregation round in progress"
+                )
+            with self.fold_lock:  # the stage expires its tasks under it
+                if task.status.finished:
+                    raise StaleTaskError(f"the stage of task {task.task_id} has closed")
+                progress.exchange.receive(task, submission)
+                self._board.finish(task, TaskStatus.DONE)  # False only after a decline
         except GptflError as exc:
             self._count_rejection(silo_id, exc, task)
             raise

@@ -65,6 +65,11 @@ class StatusView:
     privacy: list[PrivacyView] = field(default_factory=list)
     #: silo-level DP on the aggregate: (epsilon, delta) so far, or None without it
     silo_level_privacy: tuple[float, float] | None = None
+    #: a round of several stages (secure aggregation): its stage, the silos still in it
+    #: (the survivors so far) and those that dropped out
+    stage: str = ""
+    stage_silos: tuple[str, ...] = ()
+    stage_dropped: tuple[str, ...] = ()
 
     @property
     def ended(self) -> bool:
@@ -153,6 +158,9 @@ class AdminClient:
             silo_level_privacy=(
                 (pb.silo_level_epsilon, pb.silo_level_delta) if pb.silo_level_delta else None
             ),
+            stage=pb.stage,
+            stage_silos=tuple(pb.stage_silos),
+            stage_dropped=tuple(pb.stage_dropped),
         )
 
     def silos(self) -> list[SiloView]:

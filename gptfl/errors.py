@@ -204,8 +204,32 @@ DECLINE_KINDS = (
     "privacy_budget",  # the task would exceed the silo's privacy budget
     "no_data",  # the silo holds no data for the task (e.g. no evaluation split)
     "failed",  # the silo tried and failed (details stay in the silo's log)
+    "secure_aggregation",  # what the coordinator relayed breaks the protocol (reason says how)
     "other",
 )
+
+
+class SecureAggregationError(ValidationError):
+    """A secure-aggregation message breaks the protocol: a replay from another round, a peer
+    outside the round, shares a silo cannot hold, both kinds of share of one peer."""
+
+    reason = "secagg_protocol"
+
+
+class PeerKeyError(GptflError):
+    """A silo's advertised secure-aggregation keys are not signed by the key of a certificate
+    that chains to the CA and names that silo."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "secagg_auth"
+
+
+class BelowThresholdError(GptflError):
+    """Too few silos (or shares) remain for secure aggregation to go on: the round fails and
+    the global model is left as it was."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "secagg_threshold"
 
 
 class PkiError(GptflError):

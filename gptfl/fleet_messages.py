@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from gptfl.errors import NonFiniteError, ValidationError
 from gptfl.models.fingerprint import ModelFingerprint
-from gptfl.task import TaskSpec
+from gptfl.secagg.messages import KeyAdvertisement, ShareEnvelope, UnmaskReply
+from gptfl.task import TaskKind, TaskSpec
 
 
 class FleetPhase(enum.Enum):
@@ -173,3 +174,30 @@ class Decline:
     task_id: str
     reason: str
     kind: str = "refused"
+
+
+#: what a silo answers a secure-aggregation key stage with: its signed keys (advertise), its
+#: sealed shares, one per neighbour (share), or its unmasking shares (unmask)
+SecAggPayload = KeyAdvertisement | tuple[ShareEnvelope, ...] | UnmaskReply
+
+
+@dataclass(frozen=True)
+class SecAggSubmission:
+    """A silo's answer to one task of a secure-aggregation key stage.
+
+    Attributes:
+        task_id: the task.
+        payload: the answer; which stage it answers follows from its type (:attr:`kind`).
+    """
+
+    task_id: str
+    payload: SecAggPayload
+
+    @property
+    def kind(self) -> TaskKind:
+        """The kind of task this answers."""
+        if isinstance(self.payload, KeyAdvertisement):
+            return TaskKind.SECAGG_ADVERTISE
+        if isinstance(self.payload, UnmaskReply):
+            return TaskKind.SECAGG_UNMASK
+        return TaskKind.SECAGG_SHARE

@@ -17,6 +17,7 @@ from gptfl.config_loading import UNKNOWN_NAME, StrictModel, parse_config, parse_
 from gptfl.data.sources import DataSource
 from gptfl.errors import ConfigError
 from gptfl.models.spec import ModelSpec
+from gptfl.secagg.messages import SecAggSettings
 from gptfl.synth_spec import (
     FIT_MODES,
     GeneratorSettings,
@@ -216,6 +217,47 @@ class UpdateBoundsSpec(StrictModel):
         return self
 
 
+class SecureAggregationSpec(StrictModel):
+    """Secure aggregation (Bonawitz et al. 2017; docs/secure-aggregation.md): the coordinator
+    learns only the sum of the silos' updates, even when silos drop out.
+
+    Each silo clips its update (its model minus the global model) to ``clip_range`` per value,
+    quantizes it into the ring of ``2^bits`` with room for ``max_silos`` summands, and masks
+    it; ``threshold`` silos must remain at every stage and up to ``threshold - 1`` colluding
+    silos learn nothing of another's update. With ``neighbours``, each silo masks with and
+    shares with that many others only (SecAgg+'s sparse graph) instead of all.
+    """
+
+    enabled: bool = True
+    threshold: int = pydantic.Field(ge=2)
+    clip_range: float = pydantic.Field(gt=0)
+    bits: int = pydantic.Field(32, ge=8, le=53)
+    neighbours: int | None = pydantic.Field(None, ge=1)
+    #: the most silos a round sums: a round selects no more, and the ring keeps headroom for
+    #: this many
+    max_silos: int = pydantic.Field(100, ge=2)
+    #: how long each key stage (advertise, share, unmask) waits for the silos
+    stage_deadline_s: float = pydantic.Field(60.0, gt=0, le=MAX_DURATION_S)
+
+    @pydantic.model_validator(mode="after")
+    def _fits_together(self) -> SecureAggregationSpec:
+        try:
+            self.settings()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def settings(self) -> SecAggSettings:
+        """What every task of the job's rounds carries."""
+        return SecAggSettings(
+            threshold=self.threshold,
+            bits=self.bits,
+            clip_range=self.clip_range,
+            max_silos=self.max_silos,
+            neighbours=self.neighbours,
+        )
+
+
 class EvaluationSpec(StrictModel):
     """Evaluation after each round."""
 
@@ -341,6 +383,8 @@ class JobSpec(StrictModel):
     require_dp: RequireDpSpec | None = None
     #: silo-level DP on the aggregate (DP-FedAvg), around whichever strategy (docs/privacy.md)
     silo_level_dp: SiloLevelDpSpec | None = None
+    #: the coordinator learns only the sum of the updates (docs/secure-aggregation.md)
+    secure_aggregation: SecureAggregationSpec | None = None
 
     #: the most any one silo's sample count may weigh in a round, as a fraction of the
     #: round's expected total weight (docs/job-spec.md, "Claims"); None: no cap
@@ -410,6 +454,34 @@ class JobSpec(StrictModel):
                 f"robust strategy {self.strategy.name!r}; use fedavg or a server optimizer"
             )
         return self
+
+    @pydantic.model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> JobSpec:
+        secagg = self.secure_aggregation
+        if secagg is None or not secagg.enabled:
+            return self
+        if self.strategy.name in ROBUST_STRATEGIES or self.update_bounds is not None:
+            raise ValueError(
+                "secure_aggregation hides each silo's update from the coordinator, so it "
+                "cannot run with a robust strategy or update_bounds, which need every update "
+                "in the clear; the silos' clip_range bounds each update instead"
+            )
+        if self.silo_level_dp is not None:
+            raise ValueError(
+                "silo_level_dp and secure_aggregation exclude each other: silo-level DP clips "
+                "each silo's update at the coordinator, which secure aggregation keeps masked"
+            )
+        if self.min_silos > secagg.max_silos:
+            raise ValueError(
+                f"min_silos {self.min_silos} exceeds secure_aggregation.max_silos "
+                f"{secagg.max_silos}: a round selects at most max_silos silos"
+            )
+        return self
+
+    def secagg_enabled(self) -> SecureAggregationSpec | None:
+        """The secure-aggregation section when it is on, else None."""
+        secagg = self.secure_aggregation
+        return secagg if secagg is not None and secagg.enabled else None
 
     def silo_fraction(self) -> float:
         return 1.0 if self.silos_per_round == "all" else float(self.silos_per_round)

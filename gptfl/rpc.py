@@ -78,11 +78,19 @@ RETRY_POLICY = RetryPolicy()
 #: changes nothing; a ReportEvaluation or DeclineTask whose first attempt did arrive is refused
 #: the second time (ALREADY_EXISTS, FAILED_PRECONDITION) and the task keeps the outcome of the
 #: first: the evaluation is averaged once (the refused repeat is counted as a rejected report).
+#: A SubmitSecAgg whose first attempt arrived is answered as done and changes nothing (the
+#: round's protocol took the first).
 #: Register is not retried here: the silo's reconnect loop is its retry, with the backoff of
 #: its config. Streams are never listed.
 RETRIED_METHODS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
-        "gptfl.v1.Fleet": ("Heartbeat", "PullTask", "ReportEvaluation", "DeclineTask"),
+        "gptfl.v1.Fleet": (
+            "Heartbeat",
+            "PullTask",
+            "ReportEvaluation",
+            "DeclineTask",
+            "SubmitSecAgg",
+        ),
         "gptfl.v1.Admin": ("GetStatus", "ListSilos"),
     }
 )

@@ -20,12 +20,23 @@ from gptfl.fleet_messages import (
     PullReply,
     RegisterAck,
     Registration,
+    SecAggPayload,
+    SecAggSubmission,
     UpdateHeader,
     UploadResult,
 )
 from gptfl.models.fingerprint import ModelFingerprint
 from gptfl.models.spec import ModelSpec
 from gptfl.proto.v1 import common_pb2, fleet_pb2
+from gptfl.secagg.messages import (
+    KeyAdvertisement,
+    SecAggSettings,
+    SecAggTask,
+    ShareEnvelope,
+    UnmaskReply,
+    UnmaskRequest,
+)
+from gptfl.secagg.shamir import Share
 from gptfl.task import LocalSettings, TaskKind, TaskSpec
 from gptfl.weights import Chunk, Manifest, TensorInfo
 
@@ -227,6 +238,9 @@ def model_spec_from_pb(pb: common_pb2.ModelSpec) -> ModelSpec:
 _TASK_KINDS = {
     TaskKind.TRAIN: fleet_pb2.TASK_KIND_TRAIN,
     TaskKind.EVALUATE: fleet_pb2.TASK_KIND_EVALUATE,
+    TaskKind.SECAGG_ADVERTISE: fleet_pb2.TASK_KIND_SECAGG_ADVERTISE,
+    TaskKind.SECAGG_SHARE: fleet_pb2.TASK_KIND_SECAGG_SHARE,
+    TaskKind.SECAGG_UNMASK: fleet_pb2.TASK_KIND_SECAGG_UNMASK,
 }
 _TASK_KINDS_FROM_PB = {v: k for k, v in _TASK_KINDS.items()}
 
@@ -247,7 +261,7 @@ def local_settings_from_pb(pb: fleet_pb2.TrainConfig) -> LocalSettings:
 
 
 def task_to_pb(task: TaskSpec) -> fleet_pb2.Task:
-    return fleet_pb2.Task(
+    pb = fleet_pb2.Task(
         task_id=task.task_id,
         job_id=task.job_id,
         round=task.round,
@@ -258,6 +272,9 @@ def task_to_pb(task: TaskSpec) -> fleet_pb2.Task:
         deadline_unix_ms=round(task.deadline_unix * 1000),
         rounds=task.rounds,
     )
+    if task.secagg is not None:
+        pb.secagg.CopyFrom(secagg_task_to_pb(task.secagg))
+    return pb
 
 
 def task_from_pb(pb: fleet_pb2.Task) -> TaskSpec:
@@ -267,6 +284,7 @@ def task_from_pb(pb: fleet_pb2.Task) -> TaskSpec:
     try:
         model_spec = model_spec_from_pb(pb.model)
         local = local_settings_from_pb(pb.train)
+        secagg = secagg_task_from_pb(pb.secagg) if pb.HasField("secagg") else None
     except ValidationError as exc:
         raise ValidationError(f"task {pb.task_id}: {exc}") from None
     return TaskSpec(
@@ -279,6 +297,7 @@ def task_from_pb(pb: fleet_pb2.Task) -> TaskSpec:
         local=local,
         deadline_unix=pb.deadline_unix_ms / 1000,
         rounds=pb.rounds,
+        secagg=secagg,
     )
 
 
@@ -427,3 +446,161 @@ def decline_from_pb(pb: fleet_pb2.DeclineTaskRequest) -> Decline:
         raise ValidationError("a declined task needs a reason")
     kind = pb.kind if pb.kind in DECLINE_KINDS else "other"
     return Decline(task_id=pb.task_id, reason=pb.reason, kind=kind)
+
+
+# ---- secure aggregation ----------------------------------------------------------------
+
+
+def secagg_settings_to_pb(settings: SecAggSettings) -> fleet_pb2.SecAggSettings:
+    return fleet_pb2.SecAggSettings(
+        threshold=settings.threshold,
+        bits=settings.bits,
+        clip_range=settings.clip_range,
+        max_silos=settings.max_silos,
+        neighbours=settings.neighbours or 0,
+    )
+
+
+def secagg_settings_from_pb(pb: fleet_pb2.SecAggSettings) -> SecAggSettings:
+    """The settings; ones that do not fit together are a :class:`ValidationError`."""
+    try:
+        return SecAggSettings(
+            threshold=pb.threshold,
+            bits=pb.bits,
+            clip_range=pb.clip_range,
+            max_silos=pb.max_silos,
+            neighbours=pb.neighbours or None,
+        )
+    except ConfigError as exc:
+        raise ValidationError(f"invalid secure aggregation settings: {exc}") from None
+
+
+def key_advertisement_to_pb(advertisement: KeyAdvertisement) -> fleet_pb2.SecAggKeys:
+    return fleet_pb2.SecAggKeys(
+        round=advertisement.round,
+        silo_id=advertisement.silo_id,
+        cipher_public=advertisement.cipher_public,
+        mask_public=advertisement.mask_public,
+        num_examples=advertisement.num_examples,
+        certificate_pem=advertisement.certificate_pem,
+        signature=advertisement.signature,
+    )
+
+
+def key_advertisement_from_pb(pb: fleet_pb2.SecAggKeys) -> KeyAdvertisement:
+    return KeyAdvertisement(
+        round=pb.round,
+        silo_id=pb.silo_id,
+        cipher_public=pb.cipher_public,
+        mask_public=pb.mask_public,
+        num_examples=pb.num_examples,
+        certificate_pem=pb.certificate_pem,
+        signature=pb.signature,
+    )
+
+
+def share_envelope_to_pb(envelope: ShareEnvelope) -> fleet_pb2.SecAggEnvelope:
+    return fleet_pb2.SecAggEnvelope(
+        round=envelope.round,
+        sender=envelope.sender,
+        receiver=envelope.receiver,
+        sealed=envelope.sealed,
+    )
+
+
+def share_envelope_from_pb(pb: fleet_pb2.SecAggEnvelope) -> ShareEnvelope:
+    return ShareEnvelope(round=pb.round, sender=pb.sender, receiver=pb.receiver, sealed=pb.sealed)
+
+
+def _shares_to_pb(shares: Mapping[str, Share]) -> list[fleet_pb2.SecAggShare]:
+    return [
+        fleet_pb2.SecAggShare(silo_id=silo, x=share.x, y=share.value_bytes())
+        for silo, share in shares.items()
+    ]
+
+
+def _shares_from_pb(pbs: Iterable[fleet_pb2.SecAggShare], what: str) -> dict[str, Share]:
+    """Shares by silo; a silo named twice or a malformed share is a ValidationError."""
+    shares: dict[str, Share] = {}
+    for pb in pbs:
+        if pb.silo_id in shares:
+            raise ValidationError(f"{what} names {pb.silo_id} twice")
+        shares[pb.silo_id] = Share.from_value_bytes(pb.x, pb.y)
+    return shares
+
+
+def unmask_request_to_pb(request: UnmaskRequest) -> fleet_pb2.SecAggUnmaskRequest:
+    return fleet_pb2.SecAggUnmaskRequest(
+        round=request.round, survivors=list(request.survivors), dropped=list(request.dropped)
+    )
+
+
+def unmask_request_from_pb(pb: fleet_pb2.SecAggUnmaskRequest) -> UnmaskRequest:
+    return UnmaskRequest(round=pb.round, survivors=tuple(pb.survivors), dropped=tuple(pb.dropped))
+
+
+def unmask_reply_to_pb(reply: UnmaskReply) -> fleet_pb2.SecAggUnmaskReply:
+    return fleet_pb2.SecAggUnmaskReply(
+        round=reply.round,
+        silo_id=reply.silo_id,
+        mask_key_shares=_shares_to_pb(reply.mask_key_shares),
+        self_mask_shares=_shares_to_pb(reply.self_mask_shares),
+    )
+
+
+def unmask_reply_from_pb(pb: fleet_pb2.SecAggUnmaskReply) -> UnmaskReply:
+    return UnmaskReply(
+        round=pb.round,
+        silo_id=pb.silo_id,
+        mask_key_shares=_shares_from_pb(pb.mask_key_shares, "the mask-key shares"),
+        self_mask_shares=_shares_from_pb(pb.self_mask_shares, "the self-mask shares"),
+    )
+
+
+def secagg_task_to_pb(task: SecAggTask) -> fleet_pb2.SecAggTask:
+    pb = fleet_pb2.SecAggTask(
+        settings=secagg_settings_to_pb(task.settings),
+        keys=[key_advertisement_to_pb(a) for a in task.advertisements],
+        envelopes=[share_envelope_to_pb(e) for e in task.envelopes],
+    )
+    if task.unmask is not None:
+        pb.unmask.CopyFrom(unmask_request_to_pb(task.unmask))
+    return pb
+
+
+def secagg_task_from_pb(pb: fleet_pb2.SecAggTask) -> SecAggTask:
+    return SecAggTask(
+        settings=secagg_settings_from_pb(pb.settings),
+        advertisements=tuple(key_advertisement_from_pb(k) for k in pb.keys),
+        envelopes=tuple(share_envelope_from_pb(e) for e in pb.envelopes),
+        unmask=unmask_request_from_pb(pb.unmask) if pb.HasField("unmask") else None,
+    )
+
+
+def secagg_submission_to_pb(submission: SecAggSubmission) -> fleet_pb2.SecAggSubmission:
+    pb = fleet_pb2.SecAggSubmission(task_id=submission.task_id)
+    payload = submission.payload
+    if isinstance(payload, KeyAdvertisement):
+        pb.keys.CopyFrom(key_advertisement_to_pb(payload))
+    elif isinstance(payload, UnmaskReply):
+        pb.unmask.CopyFrom(unmask_reply_to_pb(payload))
+    else:
+        pb.shares.CopyFrom(
+            fleet_pb2.SecAggEnvelopes(envelopes=[share_envelope_to_pb(e) for e in payload])
+        )
+    return pb
+
+
+def secagg_submission_from_pb(pb: fleet_pb2.SecAggSubmission) -> SecAggSubmission:
+    """The submission; one without a part is a :class:`ValidationError`."""
+    part = pb.WhichOneof("part")
+    payload: SecAggPayload
+    if part == "keys":
+        payload = key_advertisement_from_pb(pb.keys)
+    elif part == "shares":
+        payload = tuple(share_envelope_from_pb(e) for e in pb.shares.envelopes)
+    elif part == "unmask":
+        payload = unmask_reply_from_pb(pb.unmask)
+    else:
+        raise ValidationError(f"the secure-aggregation submission for task {pb.task_id} is empty")
+    return SecAggSubmission(task_id=pb.task_id, payload=payload)

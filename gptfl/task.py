@@ -8,11 +8,16 @@ from dataclasses import dataclass
 
 from gptfl.errors import ConfigError
 from gptfl.models.spec import ModelSpec
+from gptfl.secagg.messages import SecAggTask
 
 
 class TaskKind(enum.Enum):
     TRAIN = "train"
     EVALUATE = "evaluate"
+    #: the key stages of a secure-aggregation round (its masked inputs are TRAIN tasks)
+    SECAGG_ADVERTISE = "secagg_advertise"
+    SECAGG_SHARE = "secagg_share"
+    SECAGG_UNMASK = "secagg_unmask"
 
 
 @dataclass(frozen=True)
@@ -91,3 +96,5 @@ class TaskSpec:
     local: LocalSettings
     deadline_unix: float
     rounds: int = 0
+    #: the task's part in a secure-aggregation round (None in a plain round)
+    secagg: SecAggTask | None = None

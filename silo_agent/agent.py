@@ -10,6 +10,7 @@ coordinator is away it reconnects with jittered exponential backoff.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from silo_agent.config import SiloConfig
 from silo_agent.fleet_client import FleetApi, FleetClient
 from silo_agent.local_data import LocalData, LocalSplits
 from silo_agent.metrics import SiloMetrics
+from silo_agent.secagg_client import KEY_STAGES, SecAggClient
 from silo_agent.trainer import SgdTrainer, Trainer, TrainingOutcome, TrainingRun
 from silo_agent.upload_retry import upload_with_retries
 
@@ -80,6 +82,8 @@ class SiloAgent:
         self.device = resolve_device(config.device)
         self.data = LocalData(config.data)
         self.trainer: Trainer = trainer if trainer is not None else self._default_trainer()
+        #: the silo's side of secure aggregation (its keys are signed with its TLS key)
+        self.secagg = SecAggClient.from_tls(config.tls.files() if config.tls else None)
         self._connect: Connector = connect if connect is not None else self._grpc_connection
         # What each architecture name means here, sent at registration: a coordinator where a
         # name means another model refuses this silo instead of failing its uploads later.
@@ -248,6 +252,8 @@ class SiloAgent:
         try:
             if task.kind is TaskKind.TRAIN:
                 self._train(client, task)
+            elif task.kind in KEY_STAGES:
+                self._secagg_stage(client, task)
             else:
                 self._evaluate(client, task)
             self.metrics.tasks.labels(kind=kind, outcome="done").inc()
@@ -317,6 +323,10 @@ class SiloAgent:
         )
         self.metrics.train_seconds.observe(outcome.seconds)
         self.metrics.examples.inc(outcome.num_examples)
+        if task.secagg is not None:
+            self._state = "masking"
+            masked, advertised = self.secagg.masked_update(task, outcome.weights, weights)
+            outcome = dataclasses.replace(outcome, weights=masked, num_examples=advertised)
         self._state = "uploading"
         self._upload(client, task, outcome)
         figures = outcome.metrics
@@ -343,6 +353,11 @@ class SiloAgent:
             deadline_unix=task.deadline_unix,
         )
         self.metrics.bytes_sent.inc(nbytes)
+
+    def _secagg_stage(self, client: FleetApi, task: TaskSpec) -> None:
+        """Answers a key stage of a secure-aggregation round (:mod:`silo_agent.secagg_client`)."""
+        num_examples = len(self._splits(task).train)
+        client.submit_secagg(self.secagg.answer(task, num_examples=num_examples))
 
     def _evaluate(self, client: FleetApi, task: TaskSpec) -> None:
         splits = self._splits(task)

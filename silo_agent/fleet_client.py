@@ -24,6 +24,7 @@ from gptfl.fleet_messages import (
     PullReply,
     RegisterAck,
     Registration,
+    SecAggSubmission,
     UpdateHeader,
     UploadResult,
 )
@@ -80,6 +81,8 @@ class FleetApi(Protocol):
     def report_evaluation(self, report: EvaluationReport) -> None: ...
 
     def decline(self, decline: Decline) -> None: ...
+
+    def submit_secagg(self, submission: SecAggSubmission) -> None: ...
 
 
 class FleetClient:
@@ -223,4 +226,12 @@ class FleetClient:
     def decline(self, decline: Decline) -> None:
         self._stub.DeclineTask(
             serde.decline_to_pb(decline), timeout=RPC_TIMEOUT_S, metadata=self._metadata
+        )
+
+    def submit_secagg(self, submission: SecAggSubmission) -> None:
+        """Answers a secure-aggregation key stage (retried by gRPC on UNAVAILABLE)."""
+        self._stub.SubmitSecAgg(
+            serde.secagg_submission_to_pb(submission),
+            timeout=RPC_TIMEOUT_S,
+            metadata=self._metadata,
         )

@@ -163,6 +163,12 @@ def print_status(status: StatusView) -> None:
             f"federated accuracy {_pct(last.federated, 'accuracy').strip()}, "
             f"{last.updates_accepted}/{last.silos_selected} updates, {last.seconds:.2f}s"
         )
+    if status.stage:
+        dropped = ", ".join(status.stage_dropped) or "none"
+        print(
+            f"  stage: {status.stage}; silos: {', '.join(status.stage_silos) or 'none'}; "
+            f"dropped: {dropped}"
+        )
     if status.silo_level_privacy is not None:
         epsilon, delta = status.silo_level_privacy
         print(f"  silo-level DP: epsilon {epsilon:.3g} at delta {delta:g} so far")

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from gptfl.proto.v1 import common_pb2 as gptfl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gptfl/v1/admin.proto\x12\x08gptfl.v1\x1a\x15gptfl/v1/common.proto\"%\n\x10SubmitJobRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\" \n\x0eSubmitJobReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x12\n\x10GetStatusRequest\"\xd3\x01\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\r\x12\x16\n\x0esilos_selected\x18\x02 \x01(\r\x12\x18\n\x10updates_accepted\x18\x03 \x01(\r\x12\x18\n\x10updates_rejected\x18\x04 \x01(\r\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12)\n\x0eserver_metrics\x18\x06 \x01(\x0b\x32\x11.gptfl.v1.Metrics\x12,\n\x11\x66\x65\x64\x65rated_metrics\x18\x07 \x01(\x0b\x32\x11.gptfl.v1.Metrics\"\xbf\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\r\x12\x0f\n\x07message\x18\x05 \x01(\t\x12&\n\x06rounds\x18\x06 \x03(\x0b\x32\x16.gptfl.v1.RoundSummary\x12\x17\n\x0fsilos_connected\x18\x07 \x01(\r\x12\x14\n\x0csummary_json\x18\x08 \x01(\t\x12(\n\x08\x64\x65\x63lines\x18\t \x03(\x0b\x32\x16.gptfl.v1.SiloDeclines\x12&\n\x07privacy\x18\n \x03(\x0b\x32\x15.gptfl.v1.SiloPrivacy\x12\x1a\n\x12silo_level_epsilon\x18\x0b \x01(\x01\x12\x18\n\x10silo_level_delta\x18\x0c \x01(\x01\"`\n\x0bSiloPrivacy\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x12\n\naccountant\x18\x04 \x01(\t\x12\x0c\n\x04\x66lag\x18\x05 \x01(\t\"j\n\x0cSiloDeclines\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x11\n\tlast_kind\x18\x03 \x01(\t\x12\x13\n\x0blast_reason\x18\x04 \x01(\t\x12\x12\n\nlast_round\x18\x05 \x01(\r\"\x12\n\x10ListSilosRequest\"\x9e\x01\n\x08SiloInfo\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x16\n\x0elast_seen_unix\x18\x03 \x01(\x01\x12\r\n\x05state\x18\x04 \x01(\t\x12\x1b\n\x13rounds_participated\x18\x05 \x01(\r\x12\x1a\n\x12num_train_examples\x18\x06 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\"3\n\x0eListSilosReply\x12!\n\x05silos\x18\x01 \x03(\x0b\x32\x12.gptfl.v1.SiloInfo\" \n\x0eStopJobRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x1d\n\x0cStopJobReply\x12\r\n\x05phase\x18\x01 \x01(\t\"\x16\n\x14\x41\x64minDownloadRequest2\xd7\x02\n\x05\x41\x64min\x12\x41\n\tSubmitJob\x12\x1a.gptfl.v1.SubmitJobRequest\x1a\x18.gptfl.v1.SubmitJobReply\x12<\n\tGetStatus\x12\x1a.gptfl.v1.GetStatusRequest\x1a\x13.gptfl.v1.JobStatus\x12\x41\n\tListSilos\x12\x1a.gptfl.v1.ListSilosRequest\x1a\x18.gptfl.v1.ListSilosReply\x12;\n\x07StopJob\x12\x18.gptfl.v1.StopJobRequest\x1a\x16.gptfl.v1.StopJobReply\x12M\n\rDownloadModel\x12\x1e.gptfl.v1.AdminDownloadRequest\x1a\x1a.gptfl.v1.WeightStreamPart0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gptfl/v1/admin.proto\x12\x08gptfl.v1\x1a\x15gptfl/v1/common.proto\"%\n\x10SubmitJobRequest\x12\x11\n\tspec_yaml\x18\x01 \x01(\t\" \n\x0eSubmitJobReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x12\n\x10GetStatusRequest\"\xd3\x01\n\x0cRoundSummary\x12\r\n\x05round\x18\x01 \x01(\r\x12\x16\n\x0esilos_selected\x18\x02 \x01(\r\x12\x18\n\x10updates_accepted\x18\x03 \x01(\r\x12\x18\n\x10updates_rejected\x18\x04 \x01(\r\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12)\n\x0eserver_metrics\x18\x06 \x01(\x0b\x32\x11.gptfl.v1.Metrics\x12,\n\x11\x66\x65\x64\x65rated_metrics\x18\x07 \x01(\x0b\x32\x11.gptfl.v1.Metrics\"\xfa\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\r\x12\x0f\n\x07message\x18\x05 \x01(\t\x12&\n\x06rounds\x18\x06 \x03(\x0b\x32\x16.gptfl.v1.RoundSummary\x12\x17\n\x0fsilos_connected\x18\x07 \x01(\r\x12\x14\n\x0csummary_json\x18\x08 \x01(\t\x12(\n\x08\x64\x65\x63lines\x18\t \x03(\x0b\x32\x16.gptfl.v1.SiloDeclines\x12&\n\x07privacy\x18\n \x03(\x0b\x32\x15.gptfl.v1.SiloPrivacy\x12\x1a\n\x12silo_level_epsilon\x18\x0b \x01(\x01\x12\x18\n\x10silo_level_delta\x18\x0c \x01(\x01\x12\r\n\x05stage\x18\r \x01(\t\x12\x13\n\x0bstage_silos\x18\x0e \x03(\t\x12\x15\n\rstage_dropped\x18\x0f \x03(\t\"`\n\x0bSiloPrivacy\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x12\n\naccountant\x18\x04 \x01(\t\x12\x0c\n\x04\x66lag\x18\x05 \x01(\t\"j\n\x0cSiloDeclines\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x11\n\tlast_kind\x18\x03 \x01(\t\x12\x13\n\x0blast_reason\x18\x04 \x01(\t\x12\x12\n\nlast_round\x18\x05 \x01(\r\"\x12\n\x10ListSilosRequest\"\x9e\x01\n\x08SiloInfo\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x16\n\x0elast_seen_unix\x18\x03 \x01(\x01\x12\r\n\x05state\x18\x04 \x01(\t\x12\x1b\n\x13rounds_participated\x18\x05 \x01(\r\x12\x1a\n\x12num_train_examples\x18\x06 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\"3\n\x0eListSilosReply\x12!\n\x05silos\x18\x01 \x03(\x0b\x32\x12.gptfl.v1.SiloInfo\" \n\x0eStopJobRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x1d\n\x0cStopJobReply\x12\r\n\x05phase\x18\x01 \x01(\t\"\x16\n\x14\x41\x64minDownloadRequest2\xd7\x02\n\x05\x41\x64min\x12\x41\n\tSubmitJob\x12\x1a.gptfl.v1.SubmitJobRequest\x1a\x18.gptfl.v1.SubmitJobReply\x12<\n\tGetStatus\x12\x1a.gptfl.v1.GetStatusRequest\x1a\x13.gptfl.v1.JobStatus\x12\x41\n\tListSilos\x12\x1a.gptfl.v1.ListSilosRequest\x1a\x18.gptfl.v1.ListSilosReply\x12;\n\x07StopJob\x12\x18.gptfl.v1.StopJobRequest\x1a\x16.gptfl.v1.StopJobReply\x12M\n\rDownloadModel\x12\x1e.gptfl.v1.AdminDownloadRequest\x1a\x1a.gptfl.v1.WeightStreamPart0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,23 +42,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDSUMMARY']._serialized_start=151
   _globals['_ROUNDSUMMARY']._serialized_end=362
   _globals['_JOBSTATUS']._serialized_start=365
-  _globals['_JOBSTATUS']._serialized_end=684
-  _globals['_SILOPRIVACY']._serialized_start=686
-  _globals['_SILOPRIVACY']._serialized_end=782
-  _globals['_SILODECLINES']._serialized_start=784
-  _globals['_SILODECLINES']._serialized_end=890
-  _globals['_LISTSILOSREQUEST']._serialized_start=892
-  _globals['_LISTSILOSREQUEST']._serialized_end=910
-  _globals['_SILOINFO']._serialized_start=913
-  _globals['_SILOINFO']._serialized_end=1071
-  _globals['_LISTSILOSREPLY']._serialized_start=1073
-  _globals['_LISTSILOSREPLY']._serialized_end=1124
-  _globals['_STOPJOBREQUEST']._serialized_start=1126
-  _globals['_STOPJOBREQUEST']._serialized_end=1158
-  _globals['_STOPJOBREPLY']._serialized_start=1160
-  _globals['_STOPJOBREPLY']._serialized_end=1189
-  _globals['_ADMINDOWNLOADREQUEST']._serialized_start=1191
-  _globals['_ADMINDOWNLOADREQUEST']._serialized_end=1213
-  _globals['_ADMIN']._serialized_start=1216
-  _globals['_ADMIN']._serialized_end=1559
+  _globals['_JOBSTATUS']._serialized_end=743
+  _globals['_SILOPRIVACY']._serialized_start=745
+  _globals['_SILOPRIVACY']._serialized_end=841
+  _globals['_SILODECLINES']._serialized_start=843
+  _globals['_SILODECLINES']._serialized_end=949
+  _globals['_LISTSILOSREQUEST']._serialized_start=951
+  _globals['_LISTSILOSREQUEST']._serialized_end=969
+  _globals['_SILOINFO']._serialized_start=972
+  _globals['_SILOINFO']._serialized_end=1130
+  _globals['_LISTSILOSREPLY']._serialized_start=1132
+  _globals['_LISTSILOSREPLY']._serialized_end=1183
+  _globals['_STOPJOBREQUEST']._serialized_start=1185
+  _globals['_STOPJOBREQUEST']._serialized_end=1217
+  _globals['_STOPJOBREPLY']._serialized_start=1219
+  _globals['_STOPJOBREPLY']._serialized_end=1248
+  _globals['_ADMINDOWNLOADREQUEST']._serialized_start=1250
+  _globals['_ADMINDOWNLOADREQUEST']._serialized_end=1272
+  _globals['_ADMIN']._serialized_start=1275
+  _globals['_ADMIN']._serialized_end=1618
 # @@protoc_insertion_point(module_scope)

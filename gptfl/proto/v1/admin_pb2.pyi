@@ -43,7 +43,7 @@ class RoundSummary(_message.Message):
     def __init__(self, round: _Optional[int] = ..., silos_selected: _Optional[int] = ..., updates_accepted: _Optional[int] = ..., updates_rejected: _Optional[int] = ..., seconds: _Optional[float] = ..., server_metrics: _Optional[_Union[_common_pb2.Metrics, _Mapping]] = ..., federated_metrics: _Optional[_Union[_common_pb2.Metrics, _Mapping]] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "phase", "round", "total_rounds", "message", "rounds", "silos_connected", "summary_json", "declines", "privacy", "silo_level_epsilon", "silo_level_delta")
+    __slots__ = ("job_id", "phase", "round", "total_rounds", "message", "rounds", "silos_connected", "summary_json", "declines", "privacy", "silo_level_epsilon", "silo_level_delta", "stage", "stage_silos", "stage_dropped")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,9 @@ class JobStatus(_message.Message):
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     SILO_LEVEL_EPSILON_FIELD_NUMBER: _ClassVar[int]
     SILO_LEVEL_DELTA_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SILOS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_DROPPED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     phase: str
     round: int
@@ -68,7 +71,10 @@ class JobStatus(_message.Message):
     privacy: _containers.RepeatedCompositeFieldContainer[SiloPrivacy]
     silo_level_epsilon: float
     silo_level_delta: float
-    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., message: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., silos_connected: _Optional[int] = ..., summary_json: _Optional[str] = ..., declines: _Optional[_Iterable[_Union[SiloDeclines, _Mapping]]] = ..., privacy: _Optional[_Iterable[_Union[SiloPrivacy, _Mapping]]] = ..., silo_level_epsilon: _Optional[float] = ..., silo_level_delta: _Optional[float] = ...) -> None: ...
+    stage: str
+    stage_silos: _containers.RepeatedScalarFieldContainer[str]
+    stage_dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., message: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., silos_connected: _Optional[int] = ..., summary_json: _Optional[str] = ..., declines: _Optional[_Iterable[_Union[SiloDeclines, _Mapping]]] = ..., privacy: _Optional[_Iterable[_Union[SiloPrivacy, _Mapping]]] = ..., silo_level_epsilon: _Optional[float] = ..., silo_level_delta: _Optional[float] = ..., stage: _Optional[str] = ..., stage_silos: _Optional[_Iterable[str]] = ..., stage_dropped: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SiloPrivacy(_message.Message):
     __slots__ = ("silo_id", "epsilon", "delta", "accountant", "flag")

@@ -26,17 +26,17 @@ _sym_db = _symbol_database.Default()
 from gptfl.proto.v1 import common_pb2 as gptfl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gptfl/v1/fleet.proto\x12\x08gptfl.v1\x1a\x15gptfl/v1/common.proto\"\x9b\x01\n\x0fRegisterRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x1a\n\x12num_train_examples\x18\x03 \x01(\x04\x12\x19\n\x11num_eval_examples\x18\x04 \x01(\x04\x12*\n\x06models\x18\x05 \x03(\x0b\x32\x1a.gptfl.v1.ModelFingerprint\"c\n\x10ModelFingerprint\x12\x0c\n\x04\x61rch\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x18\n\x10provider_version\x18\x03 \x01(\t\x12\x15\n\rlayout_sha256\x18\x04 \x01(\t\"\\\n\rRegisterReply\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x1b\n\x13\x63oordinator_version\x18\x03 \x01(\t\"!\n\x10HeartbeatRequest\x12\r\n\x05state\x18\x01 \x01(\t\"\x10\n\x0eHeartbeatReply\"\"\n\x0fPullTaskRequest\x12\x0f\n\x07wait_ms\x18\x01 \x01(\r\"\x93\x01\n\x0bTrainConfig\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x13\n\x0bproximal_mu\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\"\xe2\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12 \n\x04kind\x18\x04 \x01(\x0e\x32\x12.gptfl.v1.TaskKind\x12\"\n\x05model\x18\x05 \x01(\x0b\x32\x13.gptfl.v1.ModelSpec\x12\x14\n\x0cmodel_sha256\x18\x06 \x01(\t\x12$\n\x05train\x18\x07 \x01(\x0b\x32\x15.gptfl.v1.TrainConfig\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x03\x12\x0e\n\x06rounds\x18\t \x01(\r\"x\n\rPullTaskReply\x12\x1c\n\x04task\x18\x01 \x01(\x0b\x32\x0e.gptfl.v1.Task\x12!\n\x05phase\x18\x02 \x01(\x0e\x32\x12.gptfl.v1.JobPhase\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"\'\n\x14\x44ownloadModelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"B\n\x0cPrivacySpend\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x12\n\naccountant\x18\x03 \x01(\t\"\xae\x01\n\x0cUpdateHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12(\n\rtrain_metrics\x18\x04 \x01(\x0b\x32\x11.gptfl.v1.Metrics\x12\x15\n\rtrain_seconds\x18\x05 \x01(\x01\x12\'\n\x07privacy\x18\x06 \x01(\x0b\x32\x16.gptfl.v1.PrivacySpend\"\x88\x01\n\nUploadPart\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.gptfl.v1.UpdateHeaderH\x00\x12&\n\x08manifest\x18\x02 \x01(\x0b\x32\x12.gptfl.v1.ManifestH\x00\x12 \n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x0f.gptfl.v1.ChunkH\x00\x42\x06\n\x04part\"?\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\"l\n\x10\x45valuationReport\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\"\n\x07metrics\x18\x04 \x01(\x0b\x32\x11.gptfl.v1.Metrics\"C\n\x12\x44\x65\x63lineTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\x05\n\x03\x41\x63k*\xb2\x01\n\x08JobPhase\x12\x19\n\x15JOB_PHASE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_PHASE_NO_JOB\x10\x01\x12\x16\n\x12JOB_PHASE_PRETRAIN\x10\x02\x12\x18\n\x14JOB_PHASE_FEDERATING\x10\x03\x12\x16\n\x12JOB_PHASE_FINISHED\x10\x04\x12\x14\n\x10JOB_PHASE_FAILED\x10\x05\x12\x15\n\x11JOB_PHASE_STOPPED\x10\x06*R\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x01\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x02\x32\xd5\x03\n\x05\x46leet\x12>\n\x08Register\x12\x19.gptfl.v1.RegisterRequest\x1a\x17.gptfl.v1.RegisterReply\x12\x41\n\tHeartbeat\x12\x1a.gptfl.v1.HeartbeatRequest\x1a\x18.gptfl.v1.HeartbeatReply\x12>\n\x08PullTask\x12\x19.gptfl.v1.PullTaskRequest\x1a\x17.gptfl.v1.PullTaskReply\x12M\n\rDownloadModel\x12\x1e.gptfl.v1.DownloadModelRequest\x1a\x1a.gptfl.v1.WeightStreamPart0\x01\x12?\n\x0cUploadUpdate\x12\x14.gptfl.v1.UploadPart\x1a\x15.gptfl.v1.UploadReply(\x01\x30\x01\x12=\n\x10ReportEvaluation\x12\x1a.gptfl.v1.EvaluationReport\x1a\r.gptfl.v1.Ack\x12:\n\x0b\x44\x65\x63lineTask\x12\x1c.gptfl.v1.DeclineTaskRequest\x1a\r.gptfl.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14gptfl/v1/fleet.proto\x12\x08gptfl.v1\x1a\x15gptfl/v1/common.proto\"\x9b\x01\n\x0fRegisterRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x1a\n\x12num_train_examples\x18\x03 \x01(\x04\x12\x19\n\x11num_eval_examples\x18\x04 \x01(\x04\x12*\n\x06models\x18\x05 \x03(\x0b\x32\x1a.gptfl.v1.ModelFingerprint\"c\n\x10ModelFingerprint\x12\x0c\n\x04\x61rch\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x18\n\x10provider_version\x18\x03 \x01(\t\x12\x15\n\rlayout_sha256\x18\x04 \x01(\t\"\\\n\rRegisterReply\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x1b\n\x13\x63oordinator_version\x18\x03 \x01(\t\"!\n\x10HeartbeatRequest\x12\r\n\x05state\x18\x01 \x01(\t\"\x10\n\x0eHeartbeatReply\"\"\n\x0fPullTaskRequest\x12\x0f\n\x07wait_ms\x18\x01 \x01(\r\"\x93\x01\n\x0bTrainConfig\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x13\n\x0bproximal_mu\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\"\x88\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12 \n\x04kind\x18\x04 \x01(\x0e\x32\x12.gptfl.v1.TaskKind\x12\"\n\x05model\x18\x05 \x01(\x0b\x32\x13.gptfl.v1.ModelSpec\x12\x14\n\x0cmodel_sha256\x18\x06 \x01(\t\x12$\n\x05train\x18\x07 \x01(\x0b\x32\x15.gptfl.v1.TrainConfig\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x03\x12\x0e\n\x06rounds\x18\t \x01(\r\x12$\n\x06secagg\x18\n \x01(\x0b\x32\x14.gptfl.v1.SecAggTask\"l\n\x0eSecAggSettings\x12\x11\n\tthreshold\x18\x01 \x01(\r\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x12\n\nclip_range\x18\x03 \x01(\x01\x12\x11\n\tmax_silos\x18\x04 \x01(\r\x12\x12\n\nneighbours\x18\x05 \x01(\r\"\x9a\x01\n\nSecAggKeys\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0f\n\x07silo_id\x18\x02 \x01(\t\x12\x15\n\rcipher_public\x18\x03 \x01(\x0c\x12\x13\n\x0bmask_public\x18\x04 \x01(\x0c\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x04\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x06 \x01(\x0c\x12\x11\n\tsignature\x18\x07 \x01(\x0c\"Q\n\x0eSecAggEnvelope\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x10\n\x08receiver\x18\x03 \x01(\t\x12\x0e\n\x06sealed\x18\x04 \x01(\x0c\">\n\x0fSecAggEnvelopes\x12+\n\tenvelopes\x18\x01 \x03(\x0b\x32\x18.gptfl.v1.SecAggEnvelope\"4\n\x0bSecAggShare\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\t\n\x01x\x18\x02 \x01(\r\x12\t\n\x01y\x18\x03 \x01(\x0c\"H\n\x13SecAggUnmaskRequest\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\tsurvivors\x18\x02 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\t\"\x94\x01\n\x11SecAggUnmaskReply\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0f\n\x07silo_id\x18\x02 \x01(\t\x12.\n\x0fmask_key_shares\x18\x03 \x03(\x0b\x32\x15.gptfl.v1.SecAggShare\x12/\n\x10self_mask_shares\x18\x04 \x03(\x0b\x32\x15.gptfl.v1.SecAggShare\"\xb8\x01\n\nSecAggTask\x12*\n\x08settings\x18\x01 \x01(\x0b\x32\x18.gptfl.v1.SecAggSettings\x12\"\n\x04keys\x18\x02 \x03(\x0b\x32\x14.gptfl.v1.SecAggKeys\x12+\n\tenvelopes\x18\x03 \x03(\x0b\x32\x18.gptfl.v1.SecAggEnvelope\x12-\n\x06unmask\x18\x04 \x01(\x0b\x32\x1d.gptfl.v1.SecAggUnmaskRequest\"\xad\x01\n\x10SecAggSubmission\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x04keys\x18\x02 \x01(\x0b\x32\x14.gptfl.v1.SecAggKeysH\x00\x12+\n\x06shares\x18\x03 \x01(\x0b\x32\x19.gptfl.v1.SecAggEnvelopesH\x00\x12-\n\x06unmask\x18\x04 \x01(\x0b\x32\x1b.gptfl.v1.SecAggUnmaskReplyH\x00\x42\x06\n\x04part\"x\n\rPullTaskReply\x12\x1c\n\x04task\x18\x01 \x01(\x0b\x32\x0e.gptfl.v1.Task\x12!\n\x05phase\x18\x02 \x01(\x0e\x32\x12.gptfl.v1.JobPhase\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"\'\n\x14\x44ownloadModelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"B\n\x0cPrivacySpend\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\x12\n\naccountant\x18\x03 \x01(\t\"\xae\x01\n\x0cUpdateHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12(\n\rtrain_metrics\x18\x04 \x01(\x0b\x32\x11.gptfl.v1.Metrics\x12\x15\n\rtrain_seconds\x18\x05 \x01(\x01\x12\'\n\x07privacy\x18\x06 \x01(\x0b\x32\x16.gptfl.v1.PrivacySpend\"\x88\x01\n\nUploadPart\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.gptfl.v1.UpdateHeaderH\x00\x12&\n\x08manifest\x18\x02 \x01(\x0b\x32\x12.gptfl.v1.ManifestH\x00\x12 \n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x0f.gptfl.v1.ChunkH\x00\x42\x06\n\x04part\"?\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\"l\n\x10\x45valuationReport\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\"\n\x07metrics\x18\x04 \x01(\x0b\x32\x11.gptfl.v1.Metrics\"C\n\x12\x44\x65\x63lineTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\x05\n\x03\x41\x63k*\xb2\x01\n\x08JobPhase\x12\x19\n\x15JOB_PHASE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_PHASE_NO_JOB\x10\x01\x12\x16\n\x12JOB_PHASE_PRETRAIN\x10\x02\x12\x18\n\x14JOB_PHASE_FEDERATING\x10\x03\x12\x16\n\x12JOB_PHASE_FINISHED\x10\x04\x12\x14\n\x10JOB_PHASE_FAILED\x10\x05\x12\x15\n\x11JOB_PHASE_STOPPED\x10\x06*\xab\x01\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x01\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x02\x12\x1e\n\x1aTASK_KIND_SECAGG_ADVERTISE\x10\x03\x12\x1a\n\x16TASK_KIND_SECAGG_SHARE\x10\x04\x12\x1b\n\x17TASK_KIND_SECAGG_UNMASK\x10\x05\x32\x90\x04\n\x05\x46leet\x12>\n\x08Register\x12\x19.gptfl.v1.RegisterRequest\x1a\x17.gptfl.v1.RegisterReply\x12\x41\n\tHeartbeat\x12\x1a.gptfl.v1.HeartbeatRequest\x1a\x18.gptfl.v1.HeartbeatReply\x12>\n\x08PullTask\x12\x19.gptfl.v1.PullTaskRequest\x1a\x17.gptfl.v1.PullTaskReply\x12M\n\rDownloadModel\x12\x1e.gptfl.v1.DownloadModelRequest\x1a\x1a.gptfl.v1.WeightStreamPart0\x01\x12?\n\x0cUploadUpdate\x12\x14.gptfl.v1.UploadPart\x1a\x15.gptfl.v1.UploadReply(\x01\x30\x01\x12=\n\x10ReportEvaluation\x12\x1a.gptfl.v1.EvaluationReport\x1a\r.gptfl.v1.Ack\x12:\n\x0b\x44\x65\x63lineTask\x12\x1c.gptfl.v1.DeclineTaskRequest\x1a\r.gptfl.v1.Ack\x12\x39\n\x0cSubmitSecAgg\x12\x1a.gptfl.v1.SecAggSubmission\x1a\r.gptfl.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gptfl.v1.fleet_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBPHASE']._serialized_start=1677
-  _globals['_JOBPHASE']._serialized_end=1855
-  _globals['_TASKKIND']._serialized_start=1857
-  _globals['_TASKKIND']._serialized_end=1939
+  _globals['_JOBPHASE']._serialized_start=2771
+  _globals['_JOBPHASE']._serialized_end=2949
+  _globals['_TASKKIND']._serialized_start=2952
+  _globals['_TASKKIND']._serialized_end=3123
   _globals['_REGISTERREQUEST']._serialized_start=58
   _globals['_REGISTERREQUEST']._serialized_end=213
   _globals['_MODELFINGERPRINT']._serialized_start=215
@@ -52,25 +52,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINCONFIG']._serialized_start=500
   _globals['_TRAINCONFIG']._serialized_end=647
   _globals['_TASK']._serialized_start=650
-  _globals['_TASK']._serialized_end=876
-  _globals['_PULLTASKREPLY']._serialized_start=878
-  _globals['_PULLTASKREPLY']._serialized_end=998
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=1000
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=1039
-  _globals['_PRIVACYSPEND']._serialized_start=1041
-  _globals['_PRIVACYSPEND']._serialized_end=1107
-  _globals['_UPDATEHEADER']._serialized_start=1110
-  _globals['_UPDATEHEADER']._serialized_end=1284
-  _globals['_UPLOADPART']._serialized_start=1287
-  _globals['_UPLOADPART']._serialized_end=1423
-  _globals['_UPLOADREPLY']._serialized_start=1425
-  _globals['_UPLOADREPLY']._serialized_end=1488
-  _globals['_EVALUATIONREPORT']._serialized_start=1490
-  _globals['_EVALUATIONREPORT']._serialized_end=1598
-  _globals['_DECLINETASKREQUEST']._serialized_start=1600
-  _globals['_DECLINETASKREQUEST']._serialized_end=1667
-  _globals['_ACK']._serialized_start=1669
-  _globals['_ACK']._serialized_end=1674
-  _globals['_FLEET']._serialized_start=1942
-  _globals['_FLEET']._serialized_end=2411
+  _globals['_TASK']._serialized_end=914
+  _globals['_SECAGGSETTINGS']._serialized_start=916
+  _globals['_SECAGGSETTINGS']._serialized_end=1024
+  _globals['_SECAGGKEYS']._serialized_start=1027
+  _globals['_SECAGGKEYS']._serialized_end=1181
+  _globals['_SECAGGENVELOPE']._serialized_start=1183
+  _globals['_SECAGGENVELOPE']._serialized_end=1264
+  _globals['_SECAGGENVELOPES']._serialized_start=1266
+  _globals['_SECAGGENVELOPES']._serialized_end=1328
+  _globals['_SECAGGSHARE']._serialized_start=1330
+  _globals['_SECAGGSHARE']._serialized_end=1382
+  _globals['_SECAGGUNMASKREQUEST']._serialized_start=1384
+  _globals['_SECAGGUNMASKREQUEST']._serialized_end=1456
+  _globals['_SECAGGUNMASKREPLY']._serialized_start=1459
+  _globals['_SECAGGUNMASKREPLY']._serialized_end=1607
+  _globals['_SECAGGTASK']._serialized_start=1610
+  _globals['_SECAGGTASK']._serialized_end=1794
+  _globals['_SECAGGSUBMISSION']._serialized_start=1797
+  _globals['_SECAGGSUBMISSION']._serialized_end=1970
+  _globals['_PULLTASKREPLY']._serialized_start=1972
+  _globals['_PULLTASKREPLY']._serialized_end=2092
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=2094
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=2133
+  _globals['_PRIVACYSPEND']._serialized_start=2135
+  _globals['_PRIVACYSPEND']._serialized_end=2201
+  _globals['_UPDATEHEADER']._serialized_start=2204
+  _globals['_UPDATEHEADER']._serialized_end=2378
+  _globals['_UPLOADPART']._serialized_start=2381
+  _globals['_UPLOADPART']._serialized_end=2517
+  _globals['_UPLOADREPLY']._serialized_start=2519
+  _globals['_UPLOADREPLY']._serialized_end=2582
+  _globals['_EVALUATIONREPORT']._serialized_start=2584
+  _globals['_EVALUATIONREPORT']._serialized_end=2692
+  _globals['_DECLINETASKREQUEST']._serialized_start=2694
+  _globals['_DECLINETASKREQUEST']._serialized_end=2761
+  _globals['_ACK']._serialized_start=2763
+  _globals['_ACK']._serialized_end=2768
+  _globals['_FLEET']._serialized_start=3126
+  _globals['_FLEET']._serialized_end=3654
 # @@protoc_insertion_point(module_scope)

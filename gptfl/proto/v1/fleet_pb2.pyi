@@ -24,6 +24,9 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
     TASK_KIND_TRAIN: _ClassVar[TaskKind]
     TASK_KIND_EVALUATE: _ClassVar[TaskKind]
+    TASK_KIND_SECAGG_ADVERTISE: _ClassVar[TaskKind]
+    TASK_KIND_SECAGG_SHARE: _ClassVar[TaskKind]
+    TASK_KIND_SECAGG_UNMASK: _ClassVar[TaskKind]
 JOB_PHASE_UNSPECIFIED: JobPhase
 JOB_PHASE_NO_JOB: JobPhase
 JOB_PHASE_PRETRAIN: JobPhase
@@ -34,6 +37,9 @@ JOB_PHASE_STOPPED: JobPhase
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_TRAIN: TaskKind
 TASK_KIND_EVALUATE: TaskKind
+TASK_KIND_SECAGG_ADVERTISE: TaskKind
+TASK_KIND_SECAGG_SHARE: TaskKind
+TASK_KIND_SECAGG_UNMASK: TaskKind
 
 class RegisterRequest(_message.Message):
     __slots__ = ("agent_version", "device", "num_train_examples", "num_eval_examples", "models")
@@ -106,7 +112,7 @@ class TrainConfig(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "job_id", "round", "kind", "model", "model_sha256", "train", "deadline_unix_ms", "rounds")
+    __slots__ = ("task_id", "job_id", "round", "kind", "model", "model_sha256", "train", "deadline_unix_ms", "rounds", "secagg")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +122,7 @@ class Task(_message.Message):
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     job_id: str
     round: int
@@ -125,7 +132,114 @@ class Task(_message.Message):
     train: TrainConfig
     deadline_unix_ms: int
     rounds: int
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., model_sha256: _Optional[str] = ..., train: _Optional[_Union[TrainConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., rounds: _Optional[int] = ...) -> None: ...
+    secagg: SecAggTask
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., model_sha256: _Optional[str] = ..., train: _Optional[_Union[TrainConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., rounds: _Optional[int] = ..., secagg: _Optional[_Union[SecAggTask, _Mapping]] = ...) -> None: ...
+
+class SecAggSettings(_message.Message):
+    __slots__ = ("threshold", "bits", "clip_range", "max_silos", "neighbours")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SILOS_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    threshold: int
+    bits: int
+    clip_range: float
+    max_silos: int
+    neighbours: int
+    def __init__(self, threshold: _Optional[int] = ..., bits: _Optional[int] = ..., clip_range: _Optional[float] = ..., max_silos: _Optional[int] = ..., neighbours: _Optional[int] = ...) -> None: ...
+
+class SecAggKeys(_message.Message):
+    __slots__ = ("round", "silo_id", "cipher_public", "mask_public", "num_examples", "certificate_pem", "signature")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SILO_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    silo_id: str
+    cipher_public: bytes
+    mask_public: bytes
+    num_examples: int
+    certificate_pem: bytes
+    signature: bytes
+    def __init__(self, round: _Optional[int] = ..., silo_id: _Optional[str] = ..., cipher_public: _Optional[bytes] = ..., mask_public: _Optional[bytes] = ..., num_examples: _Optional[int] = ..., certificate_pem: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SecAggEnvelope(_message.Message):
+    __slots__ = ("round", "sender", "receiver", "sealed")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    sender: str
+    receiver: str
+    sealed: bytes
+    def __init__(self, round: _Optional[int] = ..., sender: _Optional[str] = ..., receiver: _Optional[str] = ..., sealed: _Optional[bytes] = ...) -> None: ...
+
+class SecAggEnvelopes(_message.Message):
+    __slots__ = ("envelopes",)
+    ENVELOPES_FIELD_NUMBER: _ClassVar[int]
+    envelopes: _containers.RepeatedCompositeFieldContainer[SecAggEnvelope]
+    def __init__(self, envelopes: _Optional[_Iterable[_Union[SecAggEnvelope, _Mapping]]] = ...) -> None: ...
+
+class SecAggShare(_message.Message):
+    __slots__ = ("silo_id", "x", "y")
+    SILO_ID_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    silo_id: str
+    x: int
+    y: bytes
+    def __init__(self, silo_id: _Optional[str] = ..., x: _Optional[int] = ..., y: _Optional[bytes] = ...) -> None: ...
+
+class SecAggUnmaskRequest(_message.Message):
+    __slots__ = ("round", "survivors", "dropped")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggUnmaskReply(_message.Message):
+    __slots__ = ("round", "silo_id", "mask_key_shares", "self_mask_shares")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SILO_ID_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_SHARES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    silo_id: str
+    mask_key_shares: _containers.RepeatedCompositeFieldContainer[SecAggShare]
+    self_mask_shares: _containers.RepeatedCompositeFieldContainer[SecAggShare]
+    def __init__(self, round: _Optional[int] = ..., silo_id: _Optional[str] = ..., mask_key_shares: _Optional[_Iterable[_Union[SecAggShare, _Mapping]]] = ..., self_mask_shares: _Optional[_Iterable[_Union[SecAggShare, _Mapping]]] = ...) -> None: ...
+
+class SecAggTask(_message.Message):
+    __slots__ = ("settings", "keys", "envelopes", "unmask")
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPES_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_FIELD_NUMBER: _ClassVar[int]
+    settings: SecAggSettings
+    keys: _containers.RepeatedCompositeFieldContainer[SecAggKeys]
+    envelopes: _containers.RepeatedCompositeFieldContainer[SecAggEnvelope]
+    unmask: SecAggUnmaskRequest
+    def __init__(self, settings: _Optional[_Union[SecAggSettings, _Mapping]] = ..., keys: _Optional[_Iterable[_Union[SecAggKeys, _Mapping]]] = ..., envelopes: _Optional[_Iterable[_Union[SecAggEnvelope, _Mapping]]] = ..., unmask: _Optional[_Union[SecAggUnmaskRequest, _Mapping]] = ...) -> None: ...
+
+class SecAggSubmission(_message.Message):
+    __slots__ = ("task_id", "keys", "shares", "unmask")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    keys: SecAggKeys
+    shares: SecAggEnvelopes
+    unmask: SecAggUnmaskReply
+    def __init__(self, task_id: _Optional[str] = ..., keys: _Optional[_Union[SecAggKeys, _Mapping]] = ..., shares: _Optional[_Union[SecAggEnvelopes, _Mapping]] = ..., unmask: _Optional[_Union[SecAggUnmaskReply, _Mapping]] = ...) -> None: ...
 
 class PullTaskReply(_message.Message):
     __slots__ = ("task", "phase", "job_id", "retry_after_ms")

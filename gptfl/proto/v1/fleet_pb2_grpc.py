@@ -71,6 +71,11 @@ class FleetStub:
                 request_serializer=gptfl_dot_v1_dot_fleet__pb2.DeclineTaskRequest.SerializeToString,
                 response_deserializer=gptfl_dot_v1_dot_fleet__pb2.Ack.FromString,
                 _registered_method=True)
+        self.SubmitSecAgg = channel.unary_unary(
+                '/gptfl.v1.Fleet/SubmitSecAgg',
+                request_serializer=gptfl_dot_v1_dot_fleet__pb2.SecAggSubmission.SerializeToString,
+                response_deserializer=gptfl_dot_v1_dot_fleet__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -125,6 +130,14 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitSecAgg(self, request, context):
+        """Secure aggregation: a silo's answer to one of the key stages of a round (its signed
+        keys, its sealed shares, or its unmasking shares). Masked inputs go through UploadUpdate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +174,11 @@ def add_FleetServicer_to_server(servicer, server):
             'DeclineTask': grpc.unary_unary_rpc_method_handler(
                     servicer.DeclineTask,
                     request_deserializer=gptfl_dot_v1_dot_fleet__pb2.DeclineTaskRequest.FromString,
+                    response_serializer=gptfl_dot_v1_dot_fleet__pb2.Ack.SerializeToString,
+            ),
+            'SubmitSecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitSecAgg,
+                    request_deserializer=gptfl_dot_v1_dot_fleet__pb2.SecAggSubmission.FromString,
                     response_serializer=gptfl_dot_v1_dot_fleet__pb2.Ack.SerializeToString,
             ),
     }
@@ -352,6 +370,33 @@ class Fleet:
             target,
             '/gptfl.v1.Fleet/DeclineTask',
             gptfl_dot_v1_dot_fleet__pb2.DeclineTaskRequest.SerializeToString,
+            gptfl_dot_v1_dot_fleet__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitSecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptfl.v1.Fleet/SubmitSecAgg',
+            gptfl_dot_v1_dot_fleet__pb2.SecAggSubmission.SerializeToString,
             gptfl_dot_v1_dot_fleet__pb2.Ack.FromString,
             options,
             channel_credentials,

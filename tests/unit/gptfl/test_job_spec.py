@@ -499,3 +499,47 @@ def test_hostile_silo_options_parse_with_their_defaults() -> None:
     assert parse_job_spec(MINIMAL + "strategy: {name: fedtrimmedavg}\n").strategy == (
         strategy_spec(name="fedtrimmedavg", beta=0.2)
     )
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        (
+            "secure_aggregation: {threshold: 3, clip_range: 1, bits: 14, max_silos: 100}",
+            "job.yaml: secure_aggregation: secure aggregation bits 14 leave 163 levels per silo "
+            "for 100 silos (fewer would wrap the ring's sum); need bits >= 15 or fewer silos",
+        ),
+        (
+            "secure_aggregation: {threshold: 4, clip_range: 1, neighbours: 2}",
+            "need neighbours >= 3",
+        ),
+        ("secure_aggregation: {threshold: 5, clip_range: 1, max_silos: 4}", "below the threshold"),
+        ("secure_aggregation: {threshold: 1, clip_range: 1}", "secure_aggregation.threshold"),
+        ("secure_aggregation: {threshold: 2, clip_range: 0}", "secure_aggregation.clip_range"),
+        ("secure_aggregation: {threshold: 2, clip_range: 1, bits: 54}", "secure_aggregation.bits"),
+        ("secure_aggregation: {clip_range: 1}", "secure_aggregation.threshold"),
+        (
+            "min_silos: 5\nsecure_aggregation: {threshold: 2, clip_range: 1, max_silos: 4}",
+            "min_silos 5 exceeds secure_aggregation.max_silos 4",
+        ),
+        (
+            "secure_aggregation: {threshold: 2, clip_range: 1}\n"
+            "silo_level_dp: {clip_norm: 1, noise_multiplier: 1}",
+            "silo_level_dp and secure_aggregation exclude each other",
+        ),
+    ],
+)
+def test_secure_aggregation_that_could_not_work_is_refused(section: str, expected: str) -> None:
+    assert expected in _error(MINIMAL + section + "\n")
+
+
+def test_secure_aggregation_parses_with_its_defaults() -> None:
+    spec = parse_job_spec(MINIMAL + "secure_aggregation: {threshold: 3, clip_range: 0.5}\n")
+    secagg = spec.secagg_enabled()
+    assert secagg is not None
+    assert (secagg.bits, secagg.max_silos, secagg.neighbours) == (32, 100, None)
+    assert secagg.settings().quantizer().levels == (2**32 - 1) // 100
+    off = parse_job_spec(
+        MINIMAL + "secure_aggregation: {enabled: false, threshold: 3, clip_range: 1}\n"
+    )
+    assert off.secagg_enabled() is None

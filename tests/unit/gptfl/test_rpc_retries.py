@@ -100,7 +100,7 @@ def test_the_idempotent_calls_ride_out_unavailable_and_the_others_fail_at_once(
 def test_what_is_retried_is_exactly_the_idempotent_unary_calls() -> None:
     """Named here once more on purpose: adding a call to the policy is a decision to review."""
     assert dict(RETRIED_METHODS) == {
-        FLEET: ("Heartbeat", "PullTask", "ReportEvaluation", "DeclineTask"),
+        FLEET: ("Heartbeat", "PullTask", "ReportEvaluation", "DeclineTask", "SubmitSecAgg"),
         ADMIN: ("GetStatus", "ListSilos"),
     }
     for service, names in RETRIED_METHODS.items():

@@ -25,12 +25,22 @@ from gptfl.fleet_messages import (
     PullReply,
     RegisterAck,
     Registration,
+    SecAggSubmission,
     UpdateHeader,
     UploadResult,
 )
 from gptfl.models.fingerprint import ModelFingerprint
 from gptfl.models.spec import ModelSpec
 from gptfl.proto.v1 import fleet_pb2
+from gptfl.secagg import shamir
+from gptfl.secagg.messages import (
+    KeyAdvertisement,
+    SecAggSettings,
+    SecAggTask,
+    ShareEnvelope,
+    UnmaskReply,
+    UnmaskRequest,
+)
 from gptfl.task import LocalSettings, TaskKind, TaskSpec
 
 T = TypeVar("T")
@@ -67,6 +77,56 @@ MODEL_SPECS = st.builds(
     in_channels=st.sampled_from([1, 3]),
     image_size=st.integers(min_value=8, max_value=2**32 - 1),
 )
+
+
+@st.composite
+def _secagg_settings(draw: st.DrawFn) -> SecAggSettings:
+    threshold = draw(st.integers(min_value=2, max_value=50))
+    max_silos = draw(st.integers(min_value=threshold, max_value=1000))
+    bits = draw(st.integers(min_value=8 + max_silos.bit_length(), max_value=53))
+    neighbours = draw(st.none() | st.integers(min_value=threshold - 1, max_value=2**32 - 1))
+    clip = draw(st.floats(min_value=0, exclude_min=True, allow_infinity=False))
+    return SecAggSettings(threshold, bits, clip, max_silos, neighbours)
+
+
+KEYS = st.builds(
+    KeyAdvertisement,
+    round=UINT32,
+    silo_id=TEXT,
+    cipher_public=st.binary(max_size=40),
+    mask_public=st.binary(max_size=40),
+    num_examples=UINT64,
+    certificate_pem=st.binary(max_size=100),
+    signature=st.binary(max_size=80),
+)
+ENVELOPES = st.builds(
+    ShareEnvelope, round=UINT32, sender=TEXT, receiver=TEXT, sealed=st.binary(max_size=200)
+)
+SHARES = st.dictionaries(
+    TEXT,
+    st.builds(
+        shamir.Share,
+        x=st.integers(min_value=1, max_value=shamir.MAX_POINT),
+        y=st.integers(min_value=0, max_value=shamir.PRIME - 1),
+    ),
+    max_size=4,
+)
+UNMASK_REPLIES = st.builds(
+    UnmaskReply, round=UINT32, silo_id=TEXT, mask_key_shares=SHARES, self_mask_shares=SHARES
+)
+SECAGG_TASKS = st.builds(
+    SecAggTask,
+    settings=_secagg_settings(),
+    advertisements=st.lists(KEYS, max_size=3).map(tuple),
+    envelopes=st.lists(ENVELOPES, max_size=3).map(tuple),
+    unmask=st.none()
+    | st.builds(
+        UnmaskRequest,
+        round=UINT32,
+        survivors=st.lists(TEXT, max_size=4).map(tuple),
+        dropped=st.lists(TEXT, max_size=4).map(tuple),
+    ),
+)
 TASKS = st.builds(
     TaskSpec,
     task_id=TEXT,
@@ -79,6 +139,7 @@ TASKS = st.builds(
     # int64 milliseconds; within +-2**53 ms a float of seconds still holds every millisecond
     deadline_unix=_seconds_in_ms(st.integers(min_value=-(2**50), max_value=2**50)),
     rounds=UINT32,
+    secagg=st.none() | SECAGG_TASKS,
 )
 
 
@@ -191,6 +252,37 @@ def test_evaluation_report(value: EvaluationReport) -> None:
 @given(st.builds(Decline, task_id=TEXT, reason=ID, kind=st.sampled_from(DECLINE_KINDS)))
 def test_decline(value: Decline) -> None:
     _round_trip(serde.decline_to_pb, serde.decline_from_pb, value)
+
+
+@_ANY_PACE
+@given(
+    st.builds(
+        SecAggSubmission,
+        task_id=TEXT,
+        payload=KEYS | st.lists(ENVELOPES, max_size=3).map(tuple) | UNMASK_REPLIES,
+    )
+)
+def test_secagg_submission(value: SecAggSubmission) -> None:
+    _round_trip(serde.secagg_submission_to_pb, serde.secagg_submission_from_pb, value)
+
+
+def test_secagg_wire_errors_are_named() -> None:
+    with pytest.raises(ValidationError, match="submission for task t1 is empty"):
+        serde.secagg_submission_from_pb(fleet_pb2.SecAggSubmission(task_id="t1"))
+    bad = fleet_pb2.SecAggSettings(threshold=3, bits=16, clip_range=1.0, max_silos=1000)
+    with pytest.raises(ValidationError, match="invalid secure aggregation settings: .*bits 16"):
+        serde.secagg_settings_from_pb(bad)
+    twice = fleet_pb2.SecAggUnmaskReply(
+        silo_id="a",
+        self_mask_shares=[fleet_pb2.SecAggShare(silo_id="b", x=1, y=bytes(66))] * 2,
+    )
+    with pytest.raises(ValidationError, match="the self-mask shares names b twice"):
+        serde.unmask_reply_from_pb(twice)
+    short = fleet_pb2.SecAggUnmaskReply(
+        silo_id="a", mask_key_shares=[fleet_pb2.SecAggShare(silo_id="b", x=1, y=b"1")]
+    )
+    with pytest.raises(ValidationError, match="66 bytes"):
+        serde.unmask_reply_from_pb(short)
 
 
 def test_every_fleet_message_type_has_a_round_trip_test() -> None:
