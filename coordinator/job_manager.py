@@ -183,7 +183,7 @@ class JobManager:
         summary = None
         if state.phase.terminal:
             model = runner.global_model
-            summary = build_summary(state, model_sha256=model.manifest.sha256 if model else None)
+            summary = build_summary(state, model_digest=model.manifest.digest if model else None)
         return JobStatusView(
             state.job_id,
             state.phase.value,

@@ -4,9 +4,9 @@ Each update being received needs a buffer of the model's size. Holding at most
 ``max_concurrent_uploads`` of them bounds the coordinator's memory (bench/aggregate.py). A silo
 sends its weights only once it holds a slot (``UploadReply.ready``), so silos that wait hold
 nothing in the coordinator's transport buffers either. Handing a finished upload's buffer to
-the next one saves faulting in fresh pages for every update, which cost about as much CPU as
-the update's sha256 (bench/transfer.py). The job drops the kept buffers when a round's uploads
-are over, so they cost nothing while the round closes.
+the next one saves faulting in fresh pages for every update, about 0.05 s of CPU per 100 MB
+(twice the update's BLAKE3 digest, bench/transfer.py). The job drops the kept buffers when a
+round's uploads are over, so they cost nothing while the round closes.
 """
 
 from __future__ import annotations

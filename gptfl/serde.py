@@ -26,7 +26,7 @@ def manifest_to_pb(manifest: Manifest) -> common_pb2.Manifest:
             for t in manifest.tensors
         ],
         total_bytes=manifest.total_bytes,
-        sha256=manifest.sha256,
+        digest=manifest.digest,
         chunk_size=manifest.chunk_size,
     )
 
@@ -38,7 +38,7 @@ def manifest_from_pb(pb: common_pb2.Manifest) -> Manifest:
             for t in pb.tensors
         ),
         total_bytes=pb.total_bytes,
-        sha256=pb.sha256,
+        digest=pb.digest,
         chunk_size=pb.chunk_size,
     )
 
@@ -192,7 +192,7 @@ def task_to_pb(task: TaskSpec) -> fleet_pb2.Task:
         round=task.round,
         kind=_TASK_KINDS[task.kind],
         model=model_spec_to_pb(task.model_spec),
-        model_sha256=task.model_sha256,
+        model_digest=task.model_digest,
         train=fleet_pb2.TrainConfig(
             local_epochs=local.epochs,
             batch_size=local.batch_size,
@@ -221,7 +221,7 @@ def task_from_pb(pb: fleet_pb2.Task) -> TaskSpec:
         round=pb.round,
         kind=kinds[pb.kind],
         model_spec=model_spec,
-        model_sha256=pb.model_sha256,
+        model_digest=pb.model_digest,
         local=LocalSettings(
             epochs=t.local_epochs,
             batch_size=t.batch_size,

@@ -33,6 +33,6 @@ class TaskSpec:
     round: int
     kind: TaskKind
     model_spec: ModelSpec
-    model_sha256: str
+    model_digest: str  # the manifest digest (BLAKE3) of the model the task runs on
     local: LocalSettings
     deadline_unix: float

@@ -106,10 +106,10 @@ def _rejected(coordinator: Coordinator, reason: str) -> float:
     return value or 0.0
 
 
-def _global_sha(coordinator: Coordinator) -> str:
+def _global_digest(coordinator: Coordinator) -> str:
     runner = coordinator.jobs.current()
     assert runner is not None and runner.global_model is not None
-    return runner.global_model.manifest.sha256
+    return runner.global_model.manifest.digest
 
 
 def _flip(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
@@ -160,9 +160,9 @@ def _bad_crc(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
     return manifest, _flip(chunks)
 
 
-def _bad_sha(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
+def _bad_digest(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
     manifest, chunks = _plain(w)
-    return dataclasses.replace(manifest, sha256="0" * 64), chunks
+    return dataclasses.replace(manifest, digest="0" * 64), chunks
 
 
 def _out_of_order(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
@@ -181,7 +181,7 @@ CASES: list[tuple[str, Mutation, grpc.StatusCode, str, str]] = [
     ("wrong dtype", _retyped, grpc.StatusCode.INVALID_ARGUMENT, "manifest_mismatch", "dtype"),
     ("non-finite", _nan, grpc.StatusCode.INVALID_ARGUMENT, "non_finite", "NaN"),
     ("chunk crc32", _bad_crc, grpc.StatusCode.DATA_LOSS, "checksum", "crc32"),
-    ("payload sha256", _bad_sha, grpc.StatusCode.DATA_LOSS, "checksum", "sha256"),
+    ("payload digest", _bad_digest, grpc.StatusCode.DATA_LOSS, "checksum", "digest"),
     ("out of order", _out_of_order, grpc.StatusCode.INVALID_ARGUMENT, "chunk_order", "order"),
     ("truncated", _truncated, grpc.StatusCode.INVALID_ARGUMENT, "chunk_order", "ended"),
 ]
@@ -206,7 +206,7 @@ def test_bad_update_is_rejected_counted_and_harmless(
 ) -> None:
     coordinator, silo, task = job
     weights = silo.download(task)
-    before_sha = _global_sha(coordinator)
+    before_digest = _global_digest(coordinator)
     before_count = _rejected(coordinator, reason)
     manifest, chunks = mutate(weights)
     with pytest.raises(grpc.RpcError) as info:
@@ -214,7 +214,7 @@ def test_bad_update_is_rejected_counted_and_harmless(
     assert info.value.code() == code, info.value.details()
     assert needle in (info.value.details() or ""), info.value.details()
     assert _rejected(coordinator, reason) == before_count + 1
-    assert _global_sha(coordinator) == before_sha
+    assert _global_digest(coordinator) == before_digest
     # The task stays open: a correct upload afterwards is accepted and counted once.
     reply = silo.upload(task, *_plain(weights))
     assert reply.accepted

@@ -152,7 +152,7 @@ def pull(runner: JobRunner, silo: str, kind: TaskKind = TaskKind.TRAIN) -> TaskR
 
 def download(runner: JobRunner, silo: str, task: TaskRecord) -> WeightMap:
     manifest, chunks = runner.task_model(silo, task.task_id)
-    assert manifest.sha256 == task.spec().model_sha256
+    assert manifest.digest == task.spec().model_digest
     return {k: v.clone() for k, v in receive_all(manifest, chunks).items()}
 
 
