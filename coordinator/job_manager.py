@@ -306,6 +306,7 @@ class JobManager:
             on_end=self._ended,
         )
         self._runner = runner
+        self._last = None  # the ended job's global model: unreachable now, free it
         runner.start()
 
     def _ended(self, runner: JobRunner) -> None:

@@ -47,6 +47,7 @@ from gptfl.task import LocalSettings, TaskKind
 from gptfl.weights import (
     Chunk,
     Manifest,
+    PayloadBuffer,
     PayloadReceiver,
     WeightMap,
     check_manifest,
@@ -315,7 +316,7 @@ class JobRunner:
         task: TaskRecord,
         manifest: Manifest,
         chunks: Iterator[Chunk],
-        buffer: bytearray,
+        buffer: PayloadBuffer,
         on_chunk: Callable[[], None],
     ) -> WeightMap:
         """Receives an update into ``buffer`` and verifies it (names, shapes, sums, values)."""

@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from gptfl.weights import PayloadBuffer, new_payload_buffer
+
 
 class UploadSlots:
     """``count`` slots; while held, a slot lends receive buffers, returned when it is let go."""
@@ -25,11 +27,11 @@ class UploadSlots:
         self._count = count
         self._slots = threading.BoundedSemaphore(count)
         self._lock = threading.Lock()
-        self._spare: list[bytearray] = []
+        self._spare: list[PayloadBuffer] = []
         self._generation = 0  # advanced by drop_spares()
 
     @contextmanager
-    def slot(self, timeout_s: float) -> Iterator[Callable[[int], bytearray] | None]:
+    def slot(self, timeout_s: float) -> Iterator[Callable[[int], PayloadBuffer] | None]:
         """Waits up to ``timeout_s`` for a free slot.
 
         Yields ``None`` when none freed up in time, else a function that lends a buffer of the
@@ -41,9 +43,9 @@ class UploadSlots:
             return
         with self._lock:
             generation = self._generation
-        lent: list[bytearray] = []
+        lent: list[PayloadBuffer] = []
 
-        def lend(nbytes: int) -> bytearray:
+        def lend(nbytes: int) -> PayloadBuffer:
             buffer = self._take(nbytes)
             lent.append(buffer)
             return buffer
@@ -59,7 +61,8 @@ class UploadSlots:
             self._slots.release()
 
     def prepare(self, nbytes: int) -> None:
-        """Allocates one buffer of ``nbytes`` ahead of need (when no spare of that size is kept)."""
+        """Allocates one buffer of ``nbytes`` ahead of need (when no spare of that size is kept),
+        its pages faulted in now (a bytearray is zeroed as it is made)."""
         with self._lock:
             if any(len(spare) == nbytes for spare in self._spare):
                 return
@@ -75,10 +78,10 @@ class UploadSlots:
             self._spare.clear()
             self._generation += 1
 
-    def _take(self, nbytes: int) -> bytearray:
+    def _take(self, nbytes: int) -> PayloadBuffer:
         with self._lock:
             for i, spare in enumerate(self._spare):
                 if len(spare) == nbytes:
                     return self._spare.pop(i)
             self._spare.clear()  # another size: the model changed, the old buffers are useless
-        return bytearray(nbytes)
+        return new_payload_buffer(nbytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import zlib
 from pathlib import Path
@@ -34,6 +35,7 @@ from gptfl.weights import (
     check_manifest,
     iter_chunks,
     manifest_and_crcs,
+    new_payload_buffer,
     receive_all,
     specs_of,
 )
@@ -497,3 +499,33 @@ def test_a_buffer_of_the_wrong_size_is_refused() -> None:
     manifest = build_manifest(weights)
     with pytest.raises(ValueError, match="buffer of"):
         PayloadReceiver(manifest, buffer=bytearray(manifest.total_bytes + 1))
+
+
+# ---- receive buffers -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 4097, 3 << 20])
+def test_a_new_payload_buffer_is_zeroed_and_writable(nbytes: int) -> None:
+    buffer = new_payload_buffer(nbytes)
+    assert len(buffer) == nbytes
+    view = memoryview(buffer)
+    assert not view.readonly
+    assert bytes(view[:64]) == bytes(min(64, nbytes))
+    if nbytes:
+        view[nbytes - 1] = 7
+        assert buffer[nbytes - 1] == 7
+
+
+def test_received_tensors_keep_their_buffer_alive() -> None:
+    # The default buffer is a memory mapping: the tensors, views into it, must keep it
+    # mapped after the receiver (its only other reference) is gone.
+    weights = {"w": torch.arange(300_000, dtype=torch.float32), "b": torch.ones(3)}
+    manifest = build_manifest(weights)
+    receiver = PayloadReceiver(manifest)
+    for chunk in iter_chunks(weights, manifest):
+        receiver.add(chunk)
+    got = receiver.finish()
+    del receiver
+    gc.collect()
+    _ = [torch.ones(300_000) for _ in range(8)]  # memory that could reuse a freed mapping
+    _assert_same(got, weights)
