@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import blake3
+import numpy
 import torch
 from zlib_ng.zlib_ng import crc32  # zlib's CRC-32 with SIMD, ~13x faster
 
@@ -387,7 +388,9 @@ class PayloadReceiver:
             raise ValueError(f"buffer of {len(buffer)} bytes for {manifest.total_bytes}")
         self.manifest = manifest
         self._buffer = buffer if buffer is not None else new_payload_buffer(manifest.total_bytes)
-        self._view = memoryview(self._buffer)
+        # numpy copies release the GIL (a memoryview slice assignment holds it): the transport's
+        # threads go on while a chunk is copied, and page faults of a new buffer are taken then
+        self._array = numpy.frombuffer(self._buffer, dtype=numpy.uint8)
         self._digest = _hasher()
         self._received = 0
         self._next_index = 0
@@ -411,7 +414,9 @@ class PayloadReceiver:
             )
         if crc32(chunk.data) != chunk.crc32:
             raise ChecksumError(f"chunk {chunk.index} failed its crc32 check")
-        self._view[self._received : self._received + size] = chunk.data
+        self._array[self._received : self._received + size] = numpy.frombuffer(
+            chunk.data, dtype=numpy.uint8
+        )
         self._digest.update(chunk.data)
         self._received += size
         self._next_index += 1
