@@ -29,4 +29,4 @@ def file_initial_model(spec: JobSpec, path: Path) -> tuple[WeightMap, dict[str, 
     weights, metadata = load_weights(path)
     manifest = build_manifest(weights)
     check_manifest(manifest, expected=expected)
-    return weights, {"kind": "file", "path": str(path), "sha256": manifest.sha256, **metadata}
+    return weights, {"kind": "file", "path": str(path), "blake3": manifest.digest, **metadata}

@@ -205,7 +205,7 @@ class JobManager:
         summary = None
         if state.phase.terminal:
             model = runner.global_model
-            summary = build_summary(state, model_sha256=model.manifest.sha256 if model else None)
+            summary = build_summary(state, model_digest=model.manifest.digest if model else None)
         return JobStatusView(
             state.job_id,
             state.phase.value,
@@ -329,6 +329,7 @@ class JobManager:
             round_planner=self._round_planner(job_id, spec),
         )
         self._runner = runner
+        self._last = None  # the ended job's global model: unreachable now, free it
         runner.start()
 
     def _ended(self, runner: JobRunner) -> None:

@@ -18,14 +18,14 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from coordinator.checkpoint import Checkpoint, save_checkpoint
+from coordinator.checkpoint import Checkpoint, CheckpointWriter
 from coordinator.claims import RoundClaims, pin_counts
 from coordinator.evaluation import ServerEvaluator
 from coordinator.inflight_uploads import InFlightUploads
@@ -128,9 +128,12 @@ class JobRunner:
         self._strategy: Strategy = strategy_for_job(spec)
         self._evaluator = evaluator
         self._lock = threading.Lock()
-        # Checkpoint writes and server-side evaluation run beside the job thread.
-        self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"job-{job_id}")
-        self._pending_checkpoint: Future[Path] | None = None
+        # Server-side evaluation runs beside the job thread, checkpoint writes on their own
+        # low-priority thread, straight from the tensors (coordinator/checkpoint.py).
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"job-{job_id}")
+        self._checkpoints = CheckpointWriter(
+            job_dir / "checkpoints", keep=checkpoints_to_keep, name=f"job-{job_id}-checkpoint"
+        )
         self._stop = threading.Event()
         self._stop_reason = ""
         self._suspended = False
@@ -265,7 +268,7 @@ class JobRunner:
             self._end(Phase.STOPPED, f"stopped: {self._stop_reason}")
 
     def _leave_suspended(self) -> None:
-        self._flush_checkpoint()
+        self._checkpoints.close()
         self._background.shutdown(wait=True)
         self._board.wake_all()
         log.info(
@@ -611,34 +614,24 @@ class JobRunner:
     def _checkpoint(self) -> None:
         """Writes a checkpoint of this moment in the background.
 
-        The snapshot is taken now (weights are never modified in place, strategy state is
-        copied); the write overlaps the next round. ``LATEST`` moves only once a checkpoint is
+        The job state and the strategy's (small) state are copied now; the model's tensors are
+        not (weights are never modified in place).
+        The write overlaps the next round. ``LATEST`` moves only once a checkpoint is
         complete, and checkpoints are written one at a time, in order.
         """
         assert self._global is not None
         with self._lock:
             snapshot = JobState.from_json(self.state.to_json())
-        strategy_state = {k: v.clone() for k, v in self._strategy.state_dict().items()}
-        self._flush_checkpoint()
-        self._pending_checkpoint = self._background.submit(
-            save_checkpoint,
-            self.job_dir / "checkpoints",
+        self._checkpoints.submit(
             round_=snapshot.round,
             weights=self._global.weights,
-            strategy_state=strategy_state,
+            strategy_state={k: v.clone() for k, v in self._strategy.state_dict().items()},
             state=snapshot,
-            keep=self._keep,
         )
-
-    def _flush_checkpoint(self) -> None:
-        """Waits for the checkpoint being written (its errors surface here)."""
-        pending, self._pending_checkpoint = self._pending_checkpoint, None
-        if pending is not None:
-            pending.result()
 
     def _end(self, phase: Phase, message: str) -> None:
         try:
-            self._flush_checkpoint()
+            self._checkpoints.close()
         except Exception:
             log.exception("job %s: writing the last checkpoint failed", self.job_id)
         self._background.shutdown(wait=True)

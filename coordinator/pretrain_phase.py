@@ -273,7 +273,7 @@ def _run(
         settings=settings,
         dataset=dataset,
         outcome=outcome,
-        weights_sha256=manifest.sha256,
+        weights_digest=manifest.digest,
         seconds=time.monotonic() - started,
     )
     host.report_pretrain(
@@ -335,13 +335,13 @@ def _provenance(
     settings: PretrainSettings,
     dataset: DatasetInfo,
     outcome: PretrainOutcome,
-    weights_sha256: str,
+    weights_digest: str,
     seconds: float,
 ) -> dict[str, Any]:
     """The record kept in the job state, the model metadata, summary.json and the report."""
     return {
         "kind": "pretrain",
-        "sha256": weights_sha256,
+        "blake3": weights_digest,
         "seconds": seconds,
         "synth": address,
         "backend": pretrain.backend,

@@ -20,7 +20,7 @@ from gptfl.weights_io import save_weights
 SUMMARY_VERSION = 1
 
 
-def build_summary(state: JobState, *, model_sha256: str | None) -> dict[str, Any]:
+def build_summary(state: JobState, *, model_digest: str | None) -> dict[str, Any]:
     rounds = [r.to_json() for r in state.rounds]
     last = rounds[-1] if rounds else {}
     return {
@@ -34,7 +34,7 @@ def build_summary(state: JobState, *, model_sha256: str | None) -> dict[str, Any
         "created_unix": state.created_unix,
         "finished_unix": state.finished_unix,
         "seconds": (state.finished_unix or time.time()) - state.created_unix,
-        "model": {**state.spec.get("model", {}), "sha256": model_sha256},
+        "model": {**state.spec.get("model", {}), "blake3": model_digest},
         "strategy": state.spec.get("strategy", {}),
         "initialisation": state.initialisation,
         "final": {
@@ -149,7 +149,7 @@ def describe_initialisation(initialisation: Mapping[str, Any]) -> str:
             f"images from generator `{initialisation.get('generator_id')}`"
         )
     if kind == "file":
-        return f"`file` {initialisation.get('path')} ({initialisation.get('sha256')})"
+        return f"`file` {initialisation.get('path')} ({initialisation.get('blake3')})"
     if kind == "random":
         return f"`random` (seed {initialisation.get('seed')})"
     return f"`{kind}`"
@@ -184,7 +184,7 @@ def _initial_model_section(initialisation: Mapping[str, Any]) -> list[str]:
         f"synthetic validation accuracy {_fmt(pretrain.get('initial_val_accuracy'), True)} "
         f"-> {_fmt(pretrain.get('final_val_accuracy'), True)}; settings "
         f"`{json.dumps(pretrain.get('settings', {}), sort_keys=True)}`",
-        f"- initial model sha256 `{initialisation.get('sha256')}`",
+        f"- initial model blake3 `{initialisation.get('blake3')}`",
         "",
         "| epoch | train loss | synthetic val loss | synthetic val accuracy | seconds |",
         "|---:|---:|---:|---:|---:|",
@@ -208,7 +208,7 @@ def render_markdown(summary: Mapping[str, Any], *, plot_name: str | None) -> str
         f"# Job {summary['job_id']}",
         "",
         f"- status: **{summary['status']}** {summary['message']}".rstrip(),
-        f"- model: `{summary['model'].get('arch')}` ({summary['model'].get('sha256')})",
+        f"- model: `{summary['model'].get('arch')}` ({summary['model'].get('blake3')})",
         f"- strategy: `{summary['strategy'].get('name', 'fedavg')}`",
         f"- initialisation: {describe_initialisation(summary['initialisation'])}",
         f"- rounds: {summary['rounds_completed']} of {summary['rounds_planned']}, "
@@ -269,9 +269,9 @@ def _privacy_section(silo_level: Mapping[str, Any] | None) -> list[str]:
 def export_job(state: JobState, model: ModelVersion | None, out_dir: Path) -> dict[str, Any]:
     """Writes the final model (when there is one), summary.json, report.md and the plot."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    sha = None
+    digest = None
     if model is not None:
-        weights, sha = model.weights, model.manifest.sha256
+        weights, digest = model.weights, model.manifest.digest
         save_weights(
             out_dir / "model.safetensors",
             weights,
@@ -284,7 +284,7 @@ def export_job(state: JobState, model: ModelVersion | None, out_dir: Path) -> di
                 "final_metrics": state.rounds[-1].to_json() if state.rounds else {},
             },
         )
-    summary = build_summary(state, model_sha256=sha)
+    summary = build_summary(state, model_digest=digest)
     atomic_io.write_json(out_dir / "summary.json", summary)
     plotted = plot_accuracy(state, out_dir / "accuracy.png")
     atomic_io.write_text(

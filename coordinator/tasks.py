@@ -98,7 +98,7 @@ class TaskRecord:
             round=self.round,
             kind=self.kind,
             model_spec=self.model_spec,
-            model_sha256=self.model.manifest.sha256,
+            model_digest=self.model.manifest.digest,
             local=self.local,
             deadline_unix=self.deadline_unix,
             rounds=self.rounds,

@@ -46,7 +46,15 @@ from gptfl.errors import (
 from gptfl.fleet_messages import Decline, EvaluationReport, SecAggSubmission, UpdateHeader
 from gptfl.job_spec import RequireDpSpec
 from gptfl.task import TaskKind
-from gptfl.weights import Chunk, Manifest, PayloadReceiver, WeightMap, check_manifest, iter_chunks
+from gptfl.weights import (
+    Chunk,
+    Manifest,
+    PayloadBuffer,
+    PayloadReceiver,
+    WeightMap,
+    check_manifest,
+    iter_chunks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +251,7 @@ class UpdateIntake:
         fold: RoundFold,
         manifest: Manifest,
         chunks: Iterator[Chunk],
-        buffer: bytearray,
+        buffer: PayloadBuffer,
         on_chunk: Callable[[], None],
     ) -> tuple[WeightMap, float | None]:
         """Receives an update into ``buffer`` and verifies it (layout, sums, values); returns

@@ -26,7 +26,7 @@ import torch
 
 from coordinator.job_state import RoundRecord
 from gptfl.job_spec import UpdateBoundsSpec
-from gptfl.weights import Manifest, TensorInfo, torch_dtype
+from gptfl.weights import Manifest, PayloadBuffer, TensorInfo, torch_dtype
 
 #: values per partial sum of squares: fixed, so the norm does not depend on how the payload
 #: was cut into chunks, and small enough to be summed by one thread
@@ -41,7 +41,7 @@ class StreamingDistance:
     floating-point tensors, computed as the payload's bytes arrive in ``buffer``."""
 
     def __init__(
-        self, manifest: Manifest, reference: Mapping[str, torch.Tensor], buffer: bytearray
+        self, manifest: Manifest, reference: Mapping[str, torch.Tensor], buffer: PayloadBuffer
     ) -> None:
         self._tensors: list[tuple[TensorInfo, torch.dtype, torch.Tensor]] = []
         for info in manifest.tensors:  # in offset order (check_manifest)

@@ -78,7 +78,7 @@ class ChunkOrderError(ValidationError):
 
 
 class ChecksumError(GptflError):
-    """A chunk's crc32 or the payload's sha256 does not match."""
+    """A chunk's crc32 or the payload's digest (BLAKE3) does not match."""
 
     code = grpc.StatusCode.DATA_LOSS
     reason = "checksum"

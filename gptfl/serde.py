@@ -50,7 +50,7 @@ def manifest_to_pb(manifest: Manifest) -> common_pb2.Manifest:
             for t in manifest.tensors
         ],
         total_bytes=manifest.total_bytes,
-        sha256=manifest.sha256,
+        digest=manifest.digest,
         chunk_size=manifest.chunk_size,
     )
 
@@ -62,7 +62,7 @@ def manifest_from_pb(pb: common_pb2.Manifest) -> Manifest:
             for t in pb.tensors
         ),
         total_bytes=pb.total_bytes,
-        sha256=pb.sha256,
+        digest=pb.digest,
         chunk_size=pb.chunk_size,
     )
 
@@ -267,7 +267,7 @@ def task_to_pb(task: TaskSpec) -> fleet_pb2.Task:
         round=task.round,
         kind=_TASK_KINDS[task.kind],
         model=model_spec_to_pb(task.model_spec),
-        model_sha256=task.model_sha256,
+        model_digest=task.model_digest,
         train=local_settings_to_pb(task.local),
         deadline_unix_ms=round(task.deadline_unix * 1000),
         rounds=task.rounds,
@@ -293,7 +293,7 @@ def task_from_pb(pb: fleet_pb2.Task) -> TaskSpec:
         round=pb.round,
         kind=kind,
         model_spec=model_spec,
-        model_sha256=pb.model_sha256,
+        model_digest=pb.model_digest,
         local=local,
         deadline_unix=pb.deadline_unix_ms / 1000,
         rounds=pb.rounds,

@@ -2,7 +2,7 @@
 
 Both calls are long server streams: :meth:`SynthClient.generate` reports progress and returns
 the stored dataset's description; :meth:`SynthClient.pretrain` reports every epoch and returns
-the trained weights, verified chunk by chunk (crc32, sha256, names/shapes/dtypes when the
+the trained weights, verified chunk by chunk (crc32, BLAKE3 digest, names/shapes/dtypes when the
 caller says what to expect, finiteness) before they are handed out.
 
 A failed call raises the :class:`grpc.RpcError` as it came from the service (its status code

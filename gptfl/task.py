@@ -79,7 +79,7 @@ class TaskSpec:
         round: the round (1-based).
         kind: train or evaluate.
         model_spec: the architecture of the round's global model.
-        model_sha256: the payload digest of the model to download (the silo's cache key).
+        model_digest: the payload digest of the model to download (the silo's cache key).
         local: the local training settings.
         deadline_unix: when the coordinator stops waiting for the reply (Unix seconds).
         rounds: the job's planned number of rounds (its last round's number), so that a
@@ -92,7 +92,7 @@ class TaskSpec:
     round: int
     kind: TaskKind
     model_spec: ModelSpec
-    model_sha256: str
+    model_digest: str  # the manifest digest (BLAKE3) of the model the task runs on
     local: LocalSettings
     deadline_unix: float
     rounds: int = 0

@@ -296,13 +296,13 @@ class SiloAgent:
     def _global_weights(
         self, client: FleetApi, task: TaskSpec, model: torch.nn.Module
     ) -> WeightMap:
-        if self._cached is not None and self._cached[0] == task.model_sha256:
+        if self._cached is not None and self._cached[0] == task.model_digest:
             return self._cached[1]
         self._state = "downloading"
         weights = client.download_model(task, expected=model.state_dict())
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
         self.metrics.bytes_received.inc(nbytes)
-        self._cached = (task.model_sha256, weights)
+        self._cached = (task.model_digest, weights)
         return weights
 
     def _train(self, client: FleetApi, task: TaskSpec) -> None:

@@ -157,7 +157,7 @@ class FleetClient:
             metadata=self._metadata,
         )
         manifest, chunks = serde.split_weight_stream(iter(parts))
-        if manifest.sha256 != task.model_sha256:
+        if manifest.digest != task.model_digest:
             raise ChecksumError("the downloaded model is not the one the task names")
         return receive_all(manifest, chunks, expected=specs_of(expected))
 

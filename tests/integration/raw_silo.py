@@ -53,7 +53,7 @@ def metric(coordinator: Coordinator, name: str) -> float:
 def global_sha(coordinator: Coordinator) -> str:
     runner = coordinator.jobs.current()
     assert runner is not None and runner.global_model is not None
-    return runner.global_model.manifest.sha256
+    return runner.global_model.manifest.digest
 
 
 class Silo:

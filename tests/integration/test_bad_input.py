@@ -75,9 +75,9 @@ def _bad_crc(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
     return manifest, _flip(chunks)
 
 
-def _bad_sha(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
+def _bad_digest(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
     manifest, chunks = plain(w)
-    return dataclasses.replace(manifest, sha256="0" * 64), chunks
+    return dataclasses.replace(manifest, digest="0" * 64), chunks
 
 
 def _out_of_order(w: dict[str, torch.Tensor]) -> tuple[Manifest, Iterator[Chunk]]:
@@ -96,7 +96,7 @@ CASES: list[tuple[str, Mutation, grpc.StatusCode, str, str]] = [
     ("wrong dtype", _retyped, grpc.StatusCode.INVALID_ARGUMENT, "manifest_mismatch", "dtype"),
     ("non-finite", _nan, grpc.StatusCode.INVALID_ARGUMENT, "non_finite", "NaN"),
     ("chunk crc32", _bad_crc, grpc.StatusCode.DATA_LOSS, "checksum", "crc32"),
-    ("payload sha256", _bad_sha, grpc.StatusCode.DATA_LOSS, "checksum", "sha256"),
+    ("payload digest", _bad_digest, grpc.StatusCode.DATA_LOSS, "checksum", "digest"),
     ("out of order", _out_of_order, grpc.StatusCode.INVALID_ARGUMENT, "chunk_order", "order"),
     ("truncated", _truncated, grpc.StatusCode.INVALID_ARGUMENT, "chunk_order", "ended"),
 ]

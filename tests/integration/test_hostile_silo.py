@@ -273,7 +273,7 @@ def test_a_non_finite_new_model_is_never_applied(
     assert "non-finite values" in runner.state.rounds[0].failed
     if tolerated:  # the job goes on from the unchanged model
         second = silo.pull(TaskKind.TRAIN)
-        assert second.round == 2 and second.model_sha256 == before
+        assert second.round == 2 and second.model_digest == before
         assert silo.upload(second, *plain(_shifted(weights, 10.0)), num_examples=100).accepted
     _ended(coordinator, Phase.FAILED)
     assert f"max_failed_rounds is {tolerated}" in runner.state.message

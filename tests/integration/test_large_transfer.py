@@ -56,7 +56,7 @@ def test_300mb_model_round_trip(start: StartCoordinator, pki_dir: Path) -> None:
         expected, _ = _big_model(None)  # type: ignore[arg-type]
         weights = client.download_model(task, expected=expected)
         assert sum(t.numel() * t.element_size() for t in weights.values()) >= MODEL_BYTES - 64
-        assert build_manifest(weights).sha256 == task.model_sha256
+        assert build_manifest(weights).digest == task.model_digest
         assert all(torch.equal(weights[k], expected[k]) for k in expected)
         reply, sent = client.upload_update(
             task, weights, num_examples=5, metrics={"loss": 0.5}, train_seconds=0.1

@@ -112,13 +112,13 @@ class TrainConfig(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "job_id", "round", "kind", "model", "model_sha256", "train", "deadline_unix_ms", "rounds", "secagg")
+    __slots__ = ("task_id", "job_id", "round", "kind", "model", "model_digest", "train", "deadline_unix_ms", "rounds", "secagg")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
-    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -128,12 +128,12 @@ class Task(_message.Message):
     round: int
     kind: TaskKind
     model: _common_pb2.ModelSpec
-    model_sha256: str
+    model_digest: str
     train: TrainConfig
     deadline_unix_ms: int
     rounds: int
     secagg: SecAggTask
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., model_sha256: _Optional[str] = ..., train: _Optional[_Union[TrainConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., rounds: _Optional[int] = ..., secagg: _Optional[_Union[SecAggTask, _Mapping]] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., model_digest: _Optional[str] = ..., train: _Optional[_Union[TrainConfig, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., rounds: _Optional[int] = ..., secagg: _Optional[_Union[SecAggTask, _Mapping]] = ...) -> None: ...
 
 class SecAggSettings(_message.Message):
     __slots__ = ("threshold", "bits", "clip_range", "max_silos", "neighbours")

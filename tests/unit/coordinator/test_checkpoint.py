@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from coordinator.checkpoint import LATEST, load_latest, save_checkpoint
+from coordinator.checkpoint import (
+    LATEST,
+    NICE_INCREMENT,
+    CheckpointWriter,
+    load_latest,
+    lower_thread_priority,
+    save_checkpoint,
+)
 from coordinator.job_state import JobState, Phase, RoundRecord, SiloSummary
 from gptfl.errors import ValidationError
 from gptfl.weights import WeightMap
@@ -168,3 +178,59 @@ def test_checkpoint_folder_holds_no_temporary_files(tmp_path: Path) -> None:
     shutil.rmtree(path)  # LATEST now names a missing folder: loading must not pass silently
     with pytest.raises(ValidationError, match="round-0001"):
         load_latest(tmp_path)
+
+
+# ---- the background writer -------------------------------------------------------------
+
+
+def _submit(writer: CheckpointWriter, round_: int) -> None:
+    writer.submit(
+        round_=round_,
+        weights=_weights(float(round_)),
+        strategy_state={"m/w": torch.full((2,), float(round_))},
+        state=_state(round_),
+    )
+
+
+def test_the_writer_writes_in_order_and_flush_waits(tmp_path: Path) -> None:
+    writer = CheckpointWriter(tmp_path, keep=2)
+    for r in range(4):
+        _submit(writer, r)
+    writer.flush()
+    assert _rounds_on_disk(tmp_path) == ["round-0002", "round-0003"]
+    checkpoint = load_latest(tmp_path)
+    assert checkpoint is not None and checkpoint.round == 3
+    assert torch.equal(checkpoint.strategy_state["m/w"], torch.full((2,), 3.0))
+    writer.close()
+    with pytest.raises(RuntimeError):  # a closed writer takes no more checkpoints
+        _submit(writer, 4)
+
+
+def test_a_failed_write_surfaces_at_the_next_flush(tmp_path: Path) -> None:
+    blocker = tmp_path / "checkpoints"
+    blocker.write_text("a file where the folder should be")
+    writer = CheckpointWriter(blocker, keep=2)
+    _submit(writer, 1)  # returns at once
+    with pytest.raises(OSError):
+        writer.flush()
+    writer.flush()  # reported once
+    writer.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_writer_thread_runs_at_a_lower_priority() -> None:
+    seen: list[tuple[int, int]] = []
+
+    def probe() -> None:
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        lower_thread_priority()
+        seen.append((before, os.getpriority(os.PRIO_PROCESS, tid)))
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    ((before, after),) = seen
+    assert after == min(19, before + NICE_INCREMENT)
+    # only that thread: this one keeps its priority
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before

@@ -36,7 +36,7 @@ def _norm(a: WeightMap, b: WeightMap) -> float:
 
 def _sha(runner: JobRunner) -> str:
     assert runner.global_model is not None
-    return runner.global_model.manifest.sha256
+    return runner.global_model.manifest.digest
 
 
 def _finished(runner: JobRunner, phase: Phase = Phase.FINISHED) -> None:

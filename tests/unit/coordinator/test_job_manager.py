@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,23 @@ def test_an_unreadable_checkpoint_does_not_stop_the_coordinator(
     assert second.current() is None
     assert f"cannot resume job {job_id}" in caplog.text
     assert (tmp_path / "state" / ACTIVE).exists()  # left for the admin to look at
+
+
+def test_a_new_job_lets_the_last_ended_one_go(tmp_path: Path) -> None:
+    # The ended job stays current (status, download-model) only until the next one starts;
+    # holding it longer kept its final model in memory for the whole next job.
+    manager = _manager(tmp_path)
+    manager.submit(SPEC, submitted_by="admin")
+    manager.stop("enough")
+    _wait_ended(manager)
+    ended = manager.current()
+    assert ended is not None and not ended.is_running
+    gone = weakref.ref(ended)
+    del ended
+    manager.submit(SPEC.replace("name: crash", "name: next"), submitted_by="admin")
+    gc.collect()
+    assert gone() is None
+    current = manager.current()
+    assert current is not None and current.job_id.startswith("next-")
+    manager.stop("done")
+    _wait_ended(manager)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from coordinator import checkpoint as checkpoint_module
 from coordinator.checkpoint import LATEST, load_latest
 from coordinator.job_runner import JobRunner
 from coordinator.job_state import Phase, SiloSummary
@@ -157,7 +159,7 @@ def pull(runner: JobRunner, silo: str, kind: TaskKind = TaskKind.TRAIN) -> TaskR
 
 def download(runner: JobRunner, silo: str, task: TaskRecord) -> WeightMap:
     manifest, chunks = runner.intake.task_model(silo, task.task_id)
-    assert manifest.sha256 == task.spec().model_sha256
+    assert manifest.digest == task.spec().model_digest
     return {k: v.clone() for k, v in receive_all(manifest, chunks).items()}
 
 
@@ -628,6 +630,41 @@ def test_resume_from_a_checkpoint_continues_at_the_next_round(coord: Coordinator
     assert [r.round for r in second.state.rounds] == [1, 2, 3]
     # the same silo behaviour gives the same model as the uninterrupted job
     assert_equal(global_weights(second), global_weights(reference))
+
+
+def test_a_checkpoint_holds_the_strategy_state_of_its_round(
+    coord: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Checkpoints are written from the strategy's own tensors, which FedAdam updates in place:
+    # with a slow disk, the next round must wait for the write before it updates them.
+    spec = _spec(rounds=3, strategy={"name": "fedadam", "server_learning_rate": 0.05})
+    reference = coord.runner(spec, job_id="reference")
+    for number in (1, 2, 3):
+        _train_round(reference, number)
+    finish(reference, Phase.FINISHED)
+
+    write = checkpoint_module.save_checkpoint
+
+    def slow_disk(folder: Path, **kwargs: Any) -> Path:
+        time.sleep(0.3)
+        return write(folder, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", slow_disk)
+    slow = coord.runner(spec, job_id="slow")
+    for number in (1, 2, 3):
+        _train_round(slow, number)
+    finish(slow, Phase.FINISHED)
+    folder = coord.tmp / "jobs" / "slow" / "checkpoints"
+    (folder / LATEST).write_text("round-0001\n")  # resume from round 1, as after a crash
+    checkpoint = load_latest(folder)
+    assert checkpoint is not None and checkpoint.round == 1
+
+    coord.board = TaskBoard()
+    resumed = coord.runner(spec, job_id="slow", resume_from=checkpoint)
+    _train_round(resumed, 2)
+    _train_round(resumed, 3)
+    finish(resumed, Phase.FINISHED)
+    assert_equal(global_weights(resumed), global_weights(reference))
 
 
 def test_stop_ends_the_job_as_stopped(coord: Coordinator) -> None:

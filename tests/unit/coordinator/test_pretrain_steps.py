@@ -207,7 +207,7 @@ def test_generate_then_pretrain_returns_the_weights_and_provenance() -> None:
     assert provenance["request"]["resize_mode"] == "ink-box"
     assert [e["epoch"] for e in provenance["pretrain"]["epochs"]] == [1, 2]
     assert provenance["pretrain"]["final_val_accuracy"] == pytest.approx(0.8)
-    assert len(provenance["sha256"]) == 64
+    assert len(provenance["blake3"]) == 64
     # Status lines a watcher sees, in order.
     assert "loading generator 'digits'" in host.messages[2]
     assert any(m.startswith("generating synthetic images: 12/12") for m in host.messages)

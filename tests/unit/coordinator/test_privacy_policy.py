@@ -89,8 +89,8 @@ def test_require_dp_refuses_updates_without_dp_or_over_budget(
     assert job.rejected("privacy") == 1
     # the refusal touched nothing: the round (still waiting for c) runs on the initial model
     assert runner.global_model is not None
-    initial = ModelVersion.of(initial_weights()).manifest.sha256
-    assert runner.global_model.manifest.sha256 == initial
+    initial = ModelVersion.of(initial_weights()).manifest.digest
+    assert runner.global_model.manifest.digest == initial
     runner.request_stop("test over")
 
 

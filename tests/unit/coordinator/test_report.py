@@ -87,7 +87,7 @@ def test_summary_rounds_hold_the_documented_fields(
     assert on_disk["seconds"] == 10.0
     assert on_disk["final"]["test_accuracy"] == 0.875
     assert on_disk["model"]["arch"] == "cnn-small"
-    assert on_disk["model"]["sha256"] == build_manifest(weights).sha256
+    assert on_disk["model"]["blake3"] == build_manifest(weights).digest
     assert list(on_disk["silos"]) == ["silo-a", "silo-b"]
     assert on_disk["silos"]["silo-a"]["updates_rejected"] == 1
 
@@ -151,6 +151,6 @@ def test_a_failed_job_without_rounds_or_model_still_exports(tmp_path: Path) -> N
     summary = export_job(state, None, tmp_path)
     assert summary["status"] == "failed"
     assert summary["rounds"] == []
-    assert summary["model"]["sha256"] is None
+    assert summary["model"]["blake3"] is None
     assert not (tmp_path / "model.safetensors").exists()
     assert "**failed** round 1: 0 of 2 updates arrived" in (tmp_path / "report.md").read_text()

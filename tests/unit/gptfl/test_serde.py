@@ -134,7 +134,7 @@ TASKS = st.builds(
     round=UINT32,
     kind=st.sampled_from(TaskKind),
     model_spec=MODEL_SPECS,
-    model_sha256=TEXT,
+    model_digest=TEXT,
     local=LOCAL_SETTINGS,
     # int64 milliseconds; within +-2**53 ms a float of seconds still holds every millisecond
     deadline_unix=_seconds_in_ms(st.integers(min_value=-(2**50), max_value=2**50)),

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import gc
 import math
 import zlib
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from hypothesis import given, settings
@@ -34,6 +35,7 @@ from gptfl.weights import (
     check_manifest,
     iter_chunks,
     manifest_and_crcs,
+    new_payload_buffer,
     receive_all,
     specs_of,
 )
@@ -111,7 +113,7 @@ def test_manifest_describes_the_layout() -> None:
         assert info.offset % ALIGNMENT == 0
     payload = b"".join(c.data for c in iter_chunks(weights, manifest))
     assert len(payload) == manifest.total_bytes
-    assert hashlib.sha256(payload).hexdigest() == manifest.sha256
+    assert blake3.blake3(payload).hexdigest() == manifest.digest
     check_manifest(manifest, expected=specs_of(weights))
 
 
@@ -128,7 +130,8 @@ def test_only_empty_tensors_make_an_empty_payload() -> None:
     assert manifest.total_bytes == 0
     assert manifest.num_chunks == 0
     assert chunks == []
-    assert manifest.sha256 == hashlib.sha256(b"").hexdigest()
+    # BLAKE3 of no input, from the BLAKE3 specification's test vectors
+    assert manifest.digest == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
     _assert_same(receive_all(manifest, iter(chunks)), weights)
 
 
@@ -228,12 +231,12 @@ def test_flipped_byte_fails_the_crc(payload: tuple[WeightMap, Manifest, list[Chu
         _feed(manifest, chunks)
 
 
-def test_flipped_byte_with_a_matching_crc_fails_the_sha256(
+def test_flipped_byte_with_a_matching_crc_fails_the_digest(
     payload: tuple[WeightMap, Manifest, list[Chunk]],
 ) -> None:
     _, manifest, chunks = payload
     chunks[2] = _flip(chunks[2], fix_crc=True)
-    with pytest.raises(ChecksumError, match="sha256"):
+    with pytest.raises(ChecksumError, match="payload digest"):
         _feed(manifest, chunks)
 
 
@@ -281,12 +284,12 @@ def test_empty_or_oversized_chunk_is_refused(
         _feed(manifest, [Chunk(0, 0, data, zlib.crc32(data))])
 
 
-def test_wrong_sha256_in_the_manifest_is_detected(
+def test_wrong_digest_in_the_manifest_is_detected(
     payload: tuple[WeightMap, Manifest, list[Chunk]],
 ) -> None:
     _, manifest, chunks = payload
-    forged = dataclasses.replace(manifest, sha256=hashlib.sha256(b"other").hexdigest())
-    with pytest.raises(ChecksumError, match="sha256 does not match"):
+    forged = dataclasses.replace(manifest, digest=blake3.blake3(b"other").hexdigest())
+    with pytest.raises(ChecksumError, match=r"payload digest \(blake3\) does not match"):
         _feed(forged, chunks)
 
 
@@ -384,7 +387,7 @@ def _edit_tensor(manifest: Manifest, index: int, **changes: object) -> Manifest:
             "trailing",
             id="trailing",
         ),
-        pytest.param(lambda m: dataclasses.replace(m, sha256="ABC"), "sha256", id="sha-format"),
+        pytest.param(lambda m: dataclasses.replace(m, digest="ABC"), "digest", id="digest-format"),
         pytest.param(
             lambda m: dataclasses.replace(m, chunk_size=MAX_CHUNK_BYTES + 1),
             "chunk_size",
@@ -466,7 +469,7 @@ def test_given_checksums_are_used_and_must_fit() -> None:
     weights = _mixed()
     manifest = build_manifest(weights, chunk_size=64)
     same, crcs = manifest_and_crcs(weights, chunk_size=64)
-    assert same == manifest  # one pass gives the same manifest, sha256 included
+    assert same == manifest  # the same manifest, digest included
     assert [c.crc32 for c in iter_chunks(weights, manifest)] == list(crcs)
     wrong = tuple(c ^ 1 for c in crcs)
     assert [c.crc32 for c in iter_chunks(weights, manifest, crcs=wrong)] == list(wrong)
@@ -496,3 +499,33 @@ def test_a_buffer_of_the_wrong_size_is_refused() -> None:
     manifest = build_manifest(weights)
     with pytest.raises(ValueError, match="buffer of"):
         PayloadReceiver(manifest, buffer=bytearray(manifest.total_bytes + 1))
+
+
+# ---- receive buffers -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 4097, 3 << 20])
+def test_a_new_payload_buffer_is_zeroed_and_writable(nbytes: int) -> None:
+    buffer = new_payload_buffer(nbytes)
+    assert len(buffer) == nbytes
+    view = memoryview(buffer)
+    assert not view.readonly
+    assert bytes(view[:64]) == bytes(min(64, nbytes))
+    if nbytes:
+        view[nbytes - 1] = 7
+        assert buffer[nbytes - 1] == 7
+
+
+def test_received_tensors_keep_their_buffer_alive() -> None:
+    # The default buffer is a memory mapping: the tensors, views into it, must keep it
+    # mapped after the receiver (its only other reference) is gone.
+    weights = {"w": torch.arange(300_000, dtype=torch.float32), "b": torch.ones(3)}
+    manifest = build_manifest(weights)
+    receiver = PayloadReceiver(manifest)
+    for chunk in iter_chunks(weights, manifest):
+        receiver.add(chunk)
+    got = receiver.finish()
+    del receiver
+    gc.collect()
+    _ = [torch.ones(300_000) for _ in range(8)]  # memory that could reuse a freed mapping
+    _assert_same(got, weights)

@@ -56,7 +56,7 @@ def _global_weights() -> WeightMap:
 
 
 GLOBAL = _global_weights()
-GLOBAL_SHA = build_manifest(GLOBAL).sha256
+GLOBAL_SHA = build_manifest(GLOBAL).digest
 
 
 def _task(task_id: str, kind: TaskKind = TaskKind.TRAIN, round_: int = 1) -> TaskSpec:
@@ -66,7 +66,7 @@ def _task(task_id: str, kind: TaskKind = TaskKind.TRAIN, round_: int = 1) -> Tas
         round=round_,
         kind=kind,
         model_spec=SPEC,
-        model_sha256=GLOBAL_SHA,
+        model_digest=GLOBAL_SHA,
         local=LOCAL,
         deadline_unix=time.time() + 3600,
     )
@@ -140,7 +140,7 @@ class FakeFleet:
         return reply
 
     def download_model(self, task: TaskSpec, *, expected: Mapping[str, torch.Tensor]) -> WeightMap:
-        assert task.model_sha256 == GLOBAL_SHA
+        assert task.model_digest == GLOBAL_SHA
         assert {k: v.shape for k, v in expected.items()} == {k: v.shape for k, v in GLOBAL.items()}
         self.downloads.append(task.task_id)
         return {k: v.clone() for k, v in GLOBAL.items()}

@@ -57,7 +57,7 @@ def _task(round_: int, *, rounds: int = 3, job: str = "job-1", spec: ModelSpec =
         round=round_,
         kind=TaskKind.TRAIN,
         model_spec=spec,
-        model_sha256="sha",
+        model_digest="sha",
         local=LOCAL,
         deadline_unix=time.time() + 600,
         rounds=rounds,

@@ -28,7 +28,7 @@ def _task(kind: TaskKind, task_id: str, secagg: SecAggTask | None, round_: int =
         round=round_,
         kind=kind,
         model_spec=ModelSpec(arch="cnn-small", num_classes=10, in_channels=1, image_size=8),
-        model_sha256="0" * 64,
+        model_digest="0" * 64,
         local=LocalSettings(epochs=1, batch_size=8, learning_rate=0.1),
         deadline_unix=0.0,
         secagg=secagg,
