@@ -50,7 +50,7 @@ def test_training_learns_digits(digits: tuple[ArrayDataset, ArrayDataset]) -> No
     after = evaluate(model, test, device=CPU, batch_size=100)
     assert before.accuracy < 0.3
     assert result.num_examples == 1438
-    assert result.accuracy > 0.8 and result.loss < 0.6 and result.seconds > 0
+    assert result.accuracy > 0.8 and result.loss < 0.6
     assert after.num_examples == 359
     assert after.accuracy > 0.85
     assert after.loss < before.loss
