@@ -147,8 +147,8 @@ def test_dp_silos_keep_their_ledgers_and_the_coordinator_holds_them_to_it(
                 name="dp-required", rounds=2, silos=3, strategy="fedavg", seed=3
             )
             strict["require_dp"] = {"max_epsilon": 8.0, "max_delta": 1e-5}
-            # A refused update leaves its task open until the deadline (the silo may come
-            # back with DP within it), so each round of this job lasts its deadline.
+            # A refused update leaves its task open (the silo may come back with DP), until
+            # the deadline or max_task_rejections refusals.
             strict["round_deadline_s"] = 45
             second = admin.submit(yaml.safe_dump(strict))
             status = wait_for_job_end(
